@@ -1,0 +1,129 @@
+"""Typed configuration of the Redis experience buffer (`buffer.*` in a run's YAML).
+
+Two concerns, nested: `buffer.redis` says how to reach Redis, the rest says how the
+streams behave. Every field's comment is its `--help` text.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class RedisConfig:
+    """How to reach Redis: URL, credentials, TLS, retries."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """redis:// or rediss:// (TLS) URL; may carry `user:password@`."""
+    username: str | None = None
+    """ACL user; overrides the URL's user when set."""
+    password: str | None = None
+    """Password; when unset, $INSTRUCTRL_REDIS_PASSWORD, then the URL's."""
+    tls_ca_file: str | None = None
+    """CA bundle to verify the server's certificate (rediss:// only)."""
+    tls_cert_file: str | None = None
+    """Client certificate for mutual TLS (rediss:// only)."""
+    tls_key_file: str | None = None
+    """Key of the client certificate (rediss:// only)."""
+    tls_check_hostname: bool = True
+    """Check that the server certificate names the URL's host."""
+    socket_timeout_s: float = 30.0
+    """Read timeout of one command; must exceed `buffer.block_ms`."""
+    connect_timeout_s: float = 5.0
+    """TCP + TLS connect timeout."""
+    retry_attempts: int = 12
+    """Reconnect attempts per command after a connection error (0 = none)."""
+    retry_base_s: float = 0.05
+    """First backoff between reconnect attempts; doubles with jitter."""
+    retry_cap_s: float = 2.0
+    """Longest backoff between reconnect attempts."""
+
+
+@dataclass
+class BufferConfig:
+    """The prompt and experience streams of one run."""
+
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    run_id: str = "default"
+    """Namespace: every key is `instructrl:{<run_id>}:...` ([A-Za-z0-9._-])."""
+    capacity: int = 4096
+    """Most experience records not yet acked (undelivered + pending); producers wait beyond it."""
+    prompt_capacity: int = 100_000
+    """Most prompts not yet acked in the prompt stream."""
+    put_timeout_s: float = 60.0
+    """How long a producer waits for room before raising `BufferFull`."""
+    block_ms: int = 1000
+    """How long a consumer's read blocks when the stream is empty."""
+    claim_idle_ms: int = 60_000
+    """An entry pending this long at one consumer is reclaimed by another (XAUTOCLAIM)."""
+    max_deliveries: int = 5
+    """An entry delivered more often than this goes to the dead-letter stream."""
+    max_policy_lag: int | None = 1
+    """Records more versions behind the learner than this are stale (None: never)."""
+    stale_policy: str = "drop"
+    """"drop": ack and count stale records; "keep": hand them over with their lag."""
+    experience_group: str = "learner"
+    """Consumer group that reads the experience stream."""
+    prompt_group: str = "rollout"
+    """Consumer group the rollout replicas claim prompts through."""
+    dead_letter_maxlen: int = 100_000
+    """Approximate cap of the dead-letter stream (a forensic log, never trained on)."""
+    put_batch: int = 256
+    """Records appended per round trip."""
+    gauge_interval_s: float = 1.0
+    """Least seconds between two refreshes of the depth/lag/pending gauges."""
+
+    def __post_init__(self) -> None:
+        if not _RUN_ID.match(self.run_id):
+            raise ValueError(f"run_id {self.run_id!r} must match {_RUN_ID.pattern}")
+        if self.stale_policy not in ("drop", "keep"):
+            raise ValueError(f"stale_policy must be 'drop' or 'keep', not {self.stale_policy!r}")
+        if self.capacity < 1 or self.prompt_capacity < 1 or self.put_batch < 1:
+            raise ValueError("capacity, prompt_capacity and put_batch must be >= 1")
+        if self.block_ms / 1000 >= self.redis.socket_timeout_s:
+            raise ValueError("buffer.block_ms must be shorter than redis.socket_timeout_s")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis keys of one run. The braces are a Redis Cluster hash tag: all keys of a run
+    live in one slot, so the Lua scripts that touch several of them stay atomic there too."""
+
+    prefix: str
+
+    @classmethod
+    def for_run(cls, run_id: str) -> Keys:
+        if not _RUN_ID.match(run_id):
+            raise ValueError(f"run_id {run_id!r} must match {_RUN_ID.pattern}")
+        return cls(f"instructrl:{{{run_id}}}")
+
+    @property
+    def prompts(self) -> str:
+        """Stream of `PromptRecord`s; group `rollout`."""
+        return f"{self.prefix}:prompts"
+
+    def prompts_queued(self, epoch: int) -> str:
+        """Set of prompt_ids already queued in `epoch` (makes `put_prompts` idempotent)."""
+        return f"{self.prefix}:prompts:queued:{int(epoch)}"
+
+    @property
+    def experience(self) -> str:
+        """Stream of `Experience` records; group `learner`."""
+        return f"{self.prefix}:experience"
+
+    @property
+    def dead(self) -> str:
+        """Dead-letter stream: poison records with their reason."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def seen(self) -> str:
+        """Hash sample_id -> commit token of every experience record trained on."""
+        return f"{self.prefix}:seen"
+
+    @property
+    def pattern(self) -> str:
+        """SCAN pattern matching every key of the run."""
+        return f"{self.prefix}:*"

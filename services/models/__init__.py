@@ -1,0 +1,1 @@
+"""Model construction and loading: tiny models built from a config, no hub."""

@@ -1,0 +1,124 @@
+"""Client channels with the same TLS/token options the servers take."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import grpc
+
+from instructrl.config import field
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    address: str = field("127.0.0.1:50051", help="host:port of the service")
+    ca_file: str = field("", help="PEM CA to verify the server; empty = plaintext")
+    cert_file: str = field("", help="client certificate for mTLS")
+    key_file: str = field("", help="client key for mTLS")
+    token: str = field("", help="bearer token; also read from $INSTRUCTRL_TOKEN")
+    timeout_s: float = field(60.0, help="default deadline of a call")
+    server_name_override: str = field("", help="TLS server name to expect (tests, IP addresses)")
+
+
+class _TokenAuth(grpc.AuthMetadataPlugin):
+    def __init__(self, token: str):
+        self.token = token
+
+    def __call__(self, context, callback):
+        callback((("authorization", f"Bearer {self.token}"),), None)
+
+
+def _options(cfg: ClientConfig, max_mb: int):
+    mb = max_mb * 1024 * 1024
+    opts = [("grpc.max_send_message_length", mb), ("grpc.max_receive_message_length", mb)]
+    if cfg.server_name_override:
+        opts.append(("grpc.ssl_target_name_override", cfg.server_name_override))
+    return opts
+
+
+def _credentials(cfg: ClientConfig):
+    token = cfg.token or os.environ.get("INSTRUCTRL_TOKEN", "")
+    if not cfg.ca_file:
+        return None, token
+    read = lambda p: pathlib.Path(p).read_bytes() if p else None  # noqa: E731
+    creds = grpc.ssl_channel_credentials(read(cfg.ca_file), read(cfg.key_file), read(cfg.cert_file))
+    if token:
+        creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(_TokenAuth(token)))
+    return creds, token
+
+
+class _PlainTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Adds the bearer token on plaintext channels (gRPC refuses call credentials there)."""
+
+    def __init__(self, token: str):
+        self.md = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        md = list(d.metadata or []) + [self.md]
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, md, d.credentials, d.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+def aio_channel(cfg: ClientConfig, max_message_mb: int = 64) -> grpc.aio.Channel:
+    """An asyncio channel to `cfg.address` with TLS/mTLS and token as configured."""
+    creds, token = _credentials(cfg)
+    opts = _options(cfg, max_message_mb)
+    if creds is not None:
+        return grpc.aio.secure_channel(cfg.address, creds, options=opts)
+    inter = [_PlainTokenInterceptor(token)] if token else None
+    return grpc.aio.insecure_channel(cfg.address, options=opts, interceptors=inter)
+
+
+def sync_channel(cfg: ClientConfig, max_message_mb: int = 64) -> grpc.Channel:
+    """A blocking channel with the same options (CLI tools, the learner's control RPCs)."""
+    creds, token = _credentials(cfg)
+    opts = _options(cfg, max_message_mb)
+    if creds is not None:
+        return grpc.secure_channel(cfg.address, creds, options=opts)
+    ch = grpc.insecure_channel(cfg.address, options=opts)
+    if token:
+        class _I(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+            def intercept_unary_unary(self, cont, d, req):
+                return cont(_CallDetails(d, token), req)
+
+            def intercept_unary_stream(self, cont, d, req):
+                return cont(_CallDetails(d, token), req)
+        ch = grpc.intercept_channel(ch, _I())
+    return ch
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, d, token: str):
+        self.method = d.method
+        self.timeout = d.timeout
+        self.metadata = list(d.metadata or []) + [("authorization", f"Bearer {token}")]
+        self.credentials = d.credentials
+        self.wait_for_ready = getattr(d, "wait_for_ready", None)
+        self.compression = getattr(d, "compression", None)
+
+
+async def wait_healthy(channel: grpc.aio.Channel, service: str = "", timeout_s: float = 60.0) -> None:
+    """Poll the standard health service until SERVING or raise TimeoutError."""
+    import asyncio
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+            if r.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError as e:
+            last = e
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"service not healthy after {timeout_s}s: {last}")
