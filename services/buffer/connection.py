@@ -14,7 +14,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, TimeoutError
 from redis.retry import Retry
 
 from instructrl.buffer.config import RedisConfig
@@ -50,6 +50,26 @@ def client_kwargs(cfg: RedisConfig) -> dict[str, Any]:
     return kw
 
 
+def _retryable(extra):
+    """redis-py files auth failures under ConnectionError; retrying them only delays a
+    clear error (wrong password / ACL user), so they fail at once."""
+    def check(err: Exception) -> bool:
+        if isinstance(err, (AuthenticationError, AuthorizationError)):
+            return False
+        return extra(err) if extra else True
+    return check
+
+
+class _Retry(Retry):
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        return super().call_with_retry(do, fail, _retryable(is_retryable), with_failure_count)
+
+
+class _AsyncRetry(AsyncRetry):
+    async def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        return await super().call_with_retry(do, fail, _retryable(is_retryable), with_failure_count)
+
+
 def _backoff(cfg: RedisConfig) -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(cap=cfg.retry_cap_s, base=cfg.retry_base_s)
 
@@ -57,14 +77,14 @@ def _backoff(cfg: RedisConfig) -> ExponentialWithJitterBackoff:
 def redis_from_url(cfg: RedisConfig | str) -> redis.Redis:
     """A sync client for `cfg` (or a bare URL) that reconnects with backoff."""
     cfg = RedisConfig(url=cfg) if isinstance(cfg, str) else cfg
-    retry = Retry(_backoff(cfg), cfg.retry_attempts)
+    retry = _Retry(_backoff(cfg), cfg.retry_attempts)
     return redis.Redis.from_url(cfg.url, retry=retry, **client_kwargs(cfg))
 
 
 def async_redis_from_url(cfg: RedisConfig | str) -> aioredis.Redis:
     """An asyncio client for `cfg` (or a bare URL) that reconnects with backoff."""
     cfg = RedisConfig(url=cfg) if isinstance(cfg, str) else cfg
-    retry = AsyncRetry(_backoff(cfg), cfg.retry_attempts)
+    retry = _AsyncRetry(_backoff(cfg), cfg.retry_attempts)
     return aioredis.Redis.from_url(cfg.url, retry=retry, **client_kwargs(cfg))
 
 

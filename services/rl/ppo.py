@@ -82,7 +82,7 @@ def policy_loss(
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # -A_t * clip(ratio_t, 1-eps, 1+eps)
     per_token = torch.maximum(unclipped, clipped)  # pessimistic bound
     if is_weights is not None:
-        per_token = per_token * is_weights.detach()  # w_t * loss_t
+        per_token = per_token * _select(is_weights.detach(), mask)  # w_t * loss_t
     loss = _token_mean(per_token, mask, num_tokens)
     with torch.no_grad():
         stats = {
@@ -119,19 +119,20 @@ def value_loss(
         where the clipped error is the larger one, lm-human-preferences
         ``vf_clipfrac``), ``value_mean``, ``value_error`` (token mean of (V - R)^2).
     """
-    target = returns.detach()
-    unclipped = (values - target) ** 2  # (V - R)^2
+    v = _select(values, mask)  # select before squaring so padding cannot send nan into gradients
+    target = _select(returns.detach(), mask)
+    unclipped = (v - target) ** 2  # (V - R)^2
     if clip_range_value is None:
         clipped = unclipped
     else:
-        old = old_values.detach()
-        v_clip = old + torch.clamp(values - old, -clip_range_value, clip_range_value)  # V_old + clip(V - V_old)
+        old = _select(old_values.detach(), mask)
+        v_clip = old + torch.clamp(v - old, -clip_range_value, clip_range_value)  # V_old + clip(V - V_old)
         clipped = (v_clip - target) ** 2  # (V_clip - R)^2
     loss = 0.5 * _token_mean(torch.maximum(unclipped, clipped), mask, num_tokens)  # 0.5 * max(...)
     with torch.no_grad():
         stats = {
             "value_clip_fraction": masked_mean((clipped > unclipped).to(values.dtype), mask),
-            "value_mean": masked_mean(values, mask),
+            "value_mean": masked_mean(v, mask),
             "value_error": masked_mean(unclipped, mask),
         }
     return loss, stats

@@ -72,9 +72,8 @@ def test_gae_padding_invariance():
     rewards, values = torch.randn(B, T), torch.randn(B, T)
     adv, ret = compute_gae(rewards, values, mask, 0.99, 0.95)
     garbage = torch.full((B, 5), torch.nan)
-    adv_p, ret_p = compute_gae(
-        torch.cat([rewards, garbage], 1), torch.cat([values, garbage], 1), torch.cat([mask, torch.zeros(B, 5)], 1), 0.99, 0.95
-    )
+    rewards_p, values_p = torch.cat([rewards, garbage], 1), torch.cat([values, garbage], 1)
+    adv_p, ret_p = compute_gae(rewards_p, values_p, torch.cat([mask, torch.zeros(B, 5)], 1), 0.99, 0.95)
     torch.testing.assert_close(adv_p[:, :T], adv)
     torch.testing.assert_close(ret_p[:, :T], ret)
     assert (adv_p[:, T:] == 0).all() and (ret_p[:, T:] == 0).all()

@@ -1,0 +1,317 @@
+{{/*
+Names. The full name is capped at 40 characters so that the longest derived name
+("<fullname>-learner-headless", and StatefulSet pod names under it) stays a DNS label.
+*/}}
+{{- define "instructrl.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "instructrl.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "instructrl.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "<fullname>-<component>". Call with (dict "ctx" $ "component" "rollout"). */}}
+{{- define "instructrl.componentName" -}}
+{{- printf "%s-%s" (include "instructrl.fullname" .ctx) .component }}
+{{- end }}
+
+{{/* Selector labels of one component. Call with (dict "ctx" $ "component" "rollout"). */}}
+{{- define "instructrl.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "instructrl.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* The recommended app.kubernetes.io/* labels. Call with (dict "ctx" $ "component" "rollout"). */}}
+{{- define "instructrl.labels" -}}
+helm.sh/chart: {{ include "instructrl.chart" .ctx }}
+{{ include "instructrl.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: instructrl
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end }}
+
+{{- define "instructrl.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "instructrl.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The image of a role. Call with (dict "ctx" $ "gpus" N). */}}
+{{- define "instructrl.image" -}}
+{{- $flavor := ternary "gpu" "cpu" (gt (int .gpus) 0) }}
+{{- $tag := default (printf "%s-%s" .ctx.Chart.AppVersion $flavor) .ctx.Values.image.tag }}
+{{- printf "%s:%s" .ctx.Values.image.repository $tag }}
+{{- end }}
+
+{{/* Port the kubelet probes use: the plaintext health port whenever TLS is on. */}}
+{{- define "instructrl.probePort" -}}
+{{- if .Values.tls.enabled }}{{ .Values.ports.health }}{{ else }}{{ .Values.ports.grpc }}{{ end }}
+{{- end }}
+
+{{/* Secrets and their keys. */}}
+{{- define "instructrl.redisSecretName" -}}
+{{- if and (eq .Values.redis.mode "external") .Values.redis.external.existingSecret }}
+{{- .Values.redis.external.existingSecret }}
+{{- else }}
+{{- include "instructrl.componentName" (dict "ctx" . "component" "redis") }}
+{{- end }}
+{{- end }}
+
+{{- define "instructrl.redisSecretKey" -}}
+{{- if and (eq .Values.redis.mode "external") .Values.redis.external.existingSecret }}
+{{- .Values.redis.external.existingSecretKey }}
+{{- else }}url{{ end }}
+{{- end }}
+
+{{- define "instructrl.tokenSecretName" -}}
+{{- default (include "instructrl.componentName" (dict "ctx" . "component" "token")) .Values.auth.token.existingSecret }}
+{{- end }}
+
+{{- define "instructrl.tokenSecretKey" -}}
+{{- if .Values.auth.token.existingSecret }}{{ .Values.auth.token.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
+
+{{- define "instructrl.tlsSecretName" -}}
+{{- default (include "instructrl.componentName" (dict "ctx" . "component" "tls")) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/* In-cluster addresses (host:port) the roles dial. */}}
+{{- define "instructrl.learnerHeadless" -}}
+{{- include "instructrl.componentName" (dict "ctx" . "component" "learner-headless") }}
+{{- end }}
+
+{{- define "instructrl.learnerRank0Host" -}}
+{{- printf "%s-0.%s.%s.svc" (include "instructrl.componentName" (dict "ctx" . "component" "learner")) (include "instructrl.learnerHeadless" .) .Release.Namespace }}
+{{- end }}
+
+{{- define "instructrl.redisHost" -}}
+{{- printf "%s.%s.svc" (include "instructrl.componentName" (dict "ctx" . "component" "redis")) .Release.Namespace }}
+{{- end }}
+
+{{/*
+A NetworkPolicy peer: the pods of the given components of this release.
+Call with (dict "ctx" $ "components" (list "learner" "rollout")).
+*/}}
+{{- define "instructrl.peer" -}}
+- podSelector:
+    matchLabels:
+      app.kubernetes.io/name: {{ include "instructrl.name" .ctx }}
+      app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+    matchExpressions:
+      - key: app.kubernetes.io/component
+        operator: In
+        values: {{ toJson .components }}
+{{- end }}
+
+{{/*
+The pod template shared by the four instructrl roles.
+Call with (dict "ctx" $ "role" "rollout" "env" (list ...) "ports" (list ...)
+                "volumes" (list ...) "volumeMounts" (list ...)).
+`env`, `ports`, `volumes` and `volumeMounts` are role-specific additions.
+*/}}
+{{- define "instructrl.podTemplate" -}}
+{{- $ctx := .ctx }}
+{{- $v := index $ctx.Values .role }}
+{{- $resources := deepCopy (default dict $v.resources) }}
+{{- if gt (int $v.gpus) 0 }}
+{{- $limits := deepCopy (default dict (get $resources "limits")) }}
+{{- $_ := set $limits "nvidia.com/gpu" (int $v.gpus) }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end }}
+metadata:
+  labels:
+    {{- include "instructrl.labels" (dict "ctx" $ctx "component" .role) | nindent 4 }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/config: {{ include (print $ctx.Template.BasePath "/configmap.yaml") $ctx | sha256sum }}
+    {{- if $ctx.Values.metrics.podAnnotations }}
+    prometheus.io/scrape: "true"
+    prometheus.io/port: {{ $ctx.Values.ports.metrics | quote }}
+    prometheus.io/path: /metrics
+    {{- end }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "instructrl.serviceAccountName" $ctx }}
+  automountServiceAccountToken: false
+  {{- with $ctx.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $ctx.Values.podSecurityContext | nindent 4 }}
+  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .role }}
+      image: {{ include "instructrl.image" (dict "ctx" $ctx "gpus" $v.gpus) | quote }}
+      imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+      args:
+        - serve
+        - {{ .role }}
+        - --config
+        - /etc/instructrl/config.yaml
+        {{- range $v.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      ports:
+        - name: grpc
+          containerPort: {{ $ctx.Values.ports.grpc }}
+          protocol: TCP
+        {{- if $ctx.Values.tls.enabled }}
+        - name: health
+          containerPort: {{ $ctx.Values.ports.health }}
+          protocol: TCP
+        {{- end }}
+        - name: metrics
+          containerPort: {{ $ctx.Values.ports.metrics }}
+          protocol: TCP
+        {{- with .ports }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      env:
+        - name: INSTRUCTRL_CONFIG
+          value: /etc/instructrl/config.yaml
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        - name: POD_NAMESPACE
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.namespace
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        - name: OMP_NUM_THREADS
+          value: {{ $v.ompNumThreads | quote }}
+        - name: INSTRUCTRL_GRPC_PORT
+          value: {{ $ctx.Values.ports.grpc | quote }}
+        - name: INSTRUCTRL_METRICS_PORT
+          value: {{ $ctx.Values.ports.metrics | quote }}
+        {{- if $ctx.Values.tls.enabled }}
+        - name: INSTRUCTRL_HEALTH_PORT
+          value: {{ $ctx.Values.ports.health | quote }}
+        - name: INSTRUCTRL_TLS_DIR
+          value: /etc/instructrl/tls
+        - name: INSTRUCTRL_MTLS
+          value: {{ $ctx.Values.tls.mtls | quote }}
+        {{- end }}
+        {{- if $ctx.Values.auth.token.enabled }}
+        - name: INSTRUCTRL_TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "instructrl.tokenSecretName" $ctx }}
+              key: {{ include "instructrl.tokenSecretKey" $ctx }}
+        {{- end }}
+        {{- with .env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+        {{- with $v.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $ctx.Values.securityContext | nindent 8 }}
+      startupProbe:
+        grpc:
+          port: {{ include "instructrl.probePort" $ctx }}
+        periodSeconds: 10
+        failureThreshold: {{ $v.probes.startupFailureThreshold }}
+      livenessProbe:
+        grpc:
+          port: {{ include "instructrl.probePort" $ctx }}
+        periodSeconds: 15
+        timeoutSeconds: 5
+        failureThreshold: 4
+      readinessProbe:
+        grpc:
+          port: {{ include "instructrl.probePort" $ctx }}
+          {{- with $v.probes.readinessService }}
+          service: {{ . }}
+          {{- end }}
+        periodSeconds: 5
+        timeoutSeconds: 3
+        failureThreshold: 3
+      volumeMounts:
+        - name: config
+          mountPath: /etc/instructrl/config.yaml
+          subPath: config.yaml
+          readOnly: true
+        - name: dshm
+          mountPath: /dev/shm
+        - name: tmp
+          mountPath: /tmp
+        {{- if $ctx.Values.tls.enabled }}
+        - name: tls
+          mountPath: /etc/instructrl/tls
+          readOnly: true
+        {{- end }}
+        {{- if $ctx.Values.models.existingClaim }}
+        - name: models
+          mountPath: {{ $ctx.Values.models.mountPath }}
+          readOnly: true
+        {{- end }}
+        {{- with .volumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "instructrl.componentName" (dict "ctx" $ctx "component" "config") }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $ctx.Values.shmSize }}
+    - name: tmp
+      emptyDir: {}
+    {{- if $ctx.Values.tls.enabled }}
+    - name: tls
+      secret:
+        secretName: {{ include "instructrl.tlsSecretName" $ctx }}
+        defaultMode: 0440
+    {{- end }}
+    {{- if $ctx.Values.models.existingClaim }}
+    - name: models
+      persistentVolumeClaim:
+        claimName: {{ $ctx.Values.models.existingClaim }}
+        readOnly: true
+    {{- end }}
+    {{- with .volumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}

@@ -1,0 +1,380 @@
+"""One Redis stream read through one consumer group: the logic the prompt queue and the
+experience buffer share.
+
+Invariant that bounds memory without trimming unread data: an entry leaves the stream
+(XDEL) only in the same Lua script that XACKs it. So XLEN == entries not yet acked
+(undelivered + pending), which is what `capacity` bounds, and the group's `lag` stays
+exact because nothing after its last-delivered id is ever deleted.
+
+The Redis I/O is written twice, here (sync) and in `aio.py` (asyncio), over the pure
+helpers below (argument builders, reply parsers, clocks), so the two cannot drift.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import redis
+from redis.exceptions import ResponseError
+
+from instructrl.buffer import metrics as m
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] stream, KEYS[2] dedup set (KEYS[1] when unused).
+# ARGV: capacity, dedup (0|1), k = field pairs per record, then per record: member, k pairs.
+# All-or-nothing: appends every new record of the call, or none when they would push
+# XLEN past capacity. Returns {appended, depth after} or {-1, depth} when full.
+PUT_LUA = """
+local cap = tonumber(ARGV[1])
+local dedup = ARGV[2] == '1'
+local k = tonumber(ARGV[3])
+local stride = 1 + 2 * k
+local fresh, taken = {}, {}
+for base = 4, #ARGV, stride do
+  local member = ARGV[base]
+  if not dedup then
+    fresh[#fresh + 1] = base
+  elseif not taken[member] and redis.call('SISMEMBER', KEYS[2], member) == 0 then
+    taken[member] = true
+    fresh[#fresh + 1] = base
+  end
+end
+local depth = redis.call('XLEN', KEYS[1])
+if #fresh > 0 and depth + #fresh > cap then return {-1, depth} end
+for _, base in ipairs(fresh) do
+  if dedup then redis.call('SADD', KEYS[2], ARGV[base]) end
+  redis.call('XADD', KEYS[1], '*', unpack(ARGV, base + 1, base + 2 * k))
+end
+return {#fresh, depth + #fresh}
+"""
+
+# KEYS[1] stream, KEYS[2] seen hash, KEYS[3] dead-letter stream.
+# ARGV: group, commit token, dead maxlen, #commits, #drops, #dead, then
+#   commits: entry id, sample id   (mark sample used unless another token holds it)
+#   drops:   entry id              (ack and delete)
+#   dead:    entry id, reason, detail, raw, consumer   (copy to dead-letter, ack, delete)
+# Returns one flag per commit: 1 = this token holds the sample (now or from a retried
+# call), 0 = another commit used it first. Idempotent, so safe to retry.
+SETTLE_LUA = """
+local group, token, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local nc, nd, nx = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local ids, flags, i = {}, {}, 7
+for j = 1, nc do
+  local prev = redis.call('HGET', KEYS[2], ARGV[i + 1])
+  if not prev then
+    redis.call('HSET', KEYS[2], ARGV[i + 1], token)
+    flags[j] = 1
+  elseif prev == token then
+    flags[j] = 1
+  else
+    flags[j] = 0
+  end
+  ids[#ids + 1] = ARGV[i]
+  i = i + 2
+end
+for j = 1, nd do
+  ids[#ids + 1] = ARGV[i]
+  i = i + 1
+end
+for j = 1, nx do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 'reason', ARGV[i + 1],
+    'detail', ARGV[i + 2], 'r', ARGV[i + 3], 'consumer', ARGV[i + 4],
+    'source', KEYS[1], 'source_id', ARGV[i])
+  ids[#ids + 1] = ARGV[i]
+  i = i + 5
+end
+if #ids > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
+return flags
+"""
+
+# KEYS[1] stream. ARGV: group, consumer, entry ids. Resets the idle time of the entries
+# this consumer still owns (a lease renewal); never takes one another consumer reclaimed.
+TOUCH_LUA = """
+local owned = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then owned[#owned + 1] = ARGV[i] end
+end
+if #owned > 0 then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(owned), 'JUSTID')
+end
+return #owned
+"""
+
+SETTLE_CHUNK = 1000  # entries per script call (Lua's unpack limit is far above)
+
+Entry = tuple[bytes, "dict[bytes, bytes] | None"]  # (entry id, fields); fields None if deleted
+Dead = tuple[bytes, str, str, bytes]  # (entry id, reason, detail, raw record)
+
+
+class BufferFull(TimeoutError):
+    """A producer waited `put_timeout_s` and the stream stayed at capacity."""
+
+
+@dataclass
+class StreamSpec:
+    """A stream, its group, and the limits that apply to it."""
+
+    key: str
+    group: str
+    label: str  # metrics label: "prompts" | "experience"
+    dead_key: str
+    capacity: int
+    claim_idle_ms: int
+    max_deliveries: int
+    dead_maxlen: int
+
+
+def put_args(spec: StreamSpec, records: Sequence[tuple[str, Sequence[bytes | str | int]]],
+             dedup: bool) -> list:
+    """ARGV of PUT_LUA for records given as (dedup member, flat field/value list)."""
+    k = len(records[0][1]) // 2
+    args: list = [spec.capacity, 1 if dedup else 0, k]
+    for member, fields in records:
+        assert len(fields) == 2 * k, "every record needs the same fields"
+        args.append(member)
+        args.extend(fields)
+    return args
+
+
+def settle_args(spec: StreamSpec, consumer: str, token: str,
+                commits: Sequence[tuple[bytes, str]], drops: Sequence[bytes],
+                dead: Sequence[Dead]) -> list:
+    """ARGV of SETTLE_LUA."""
+    args: list = [spec.group, token, spec.dead_maxlen, len(commits), len(drops), len(dead)]
+    for eid, sid in commits:
+        args += [eid, sid]
+    args.extend(drops)
+    for eid, reason, detail, raw in dead:
+        args += [eid, reason, detail[:500], raw, consumer]
+    return args
+
+
+def settle_chunks(commits: Sequence, drops: Sequence, dead: Sequence):
+    """Split one settlement into script calls of at most SETTLE_CHUNK entries."""
+    c, d, x = list(commits), list(drops), list(dead)
+    while c or d or x:
+        cc, c = c[:SETTLE_CHUNK], c[SETTLE_CHUNK:]
+        room = SETTLE_CHUNK - len(cc)
+        dd, d = d[:room], d[room:]
+        room -= len(dd)
+        xx, x = x[:room], x[room:]
+        yield cc, dd, xx
+
+
+def count_dead(spec: StreamSpec, dead: Sequence[Dead]) -> None:
+    for _, reason, _, _ in dead:
+        m.DEAD_LETTERS.labels(spec.label, reason).inc()
+
+
+def parse_read(reply) -> list[Entry]:
+    """Entries of an XREADGROUP reply on one stream."""
+    if not reply:
+        return []
+    return [(eid, fields) for eid, fields in reply[0][1]]
+
+
+def over_delivered(spec: StreamSpec, entries: list[Entry], pending_replies) -> tuple[list[Entry], list[Dead]]:
+    """Split reclaimed entries into those to hand over and those delivered too often."""
+    keep: list[Entry] = []
+    dead: list[Dead] = []
+    for (eid, fields), info in zip(entries, pending_replies):
+        times = info[0]["times_delivered"] if info else 0
+        if times > spec.max_deliveries:
+            raw = (fields or {}).get(b"r", b"")
+            dead.append((eid, "max_deliveries", f"delivered {times} times", raw))
+        else:
+            keep.append((eid, fields))
+    return keep, dead
+
+
+class Clock:
+    """When the next XAUTOCLAIM pass is due: every claim_idle_ms / 2 (0.05..5 s), or at
+    once after a pass that came back full."""
+
+    def __init__(self, claim_idle_ms: int):
+        self.interval = min(max(claim_idle_ms / 2000, 0.05), 5.0)
+        self.next = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next
+
+    def done(self, full: bool) -> None:
+        self.next = time.monotonic() + (0.0 if full else self.interval)
+
+
+class Waiter:
+    """Backoff schedule of a producer waiting for room: 2 ms doubling to 100 ms."""
+
+    def __init__(self, timeout_s: float):
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout_s
+        self.delay = 0.002
+        self.slept = False
+
+    def next_delay(self) -> float | None:
+        """Seconds to sleep before the next try, or None when the deadline passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return None
+        d, self.delay = min(self.delay, left), min(self.delay * 2, 0.1)
+        self.slept = True
+        return d
+
+    def waited(self) -> float:
+        return time.monotonic() - self.start
+
+
+def full_error(spec: StreamSpec, depth: int, waited: float) -> BufferFull:
+    return BufferFull(
+        f"{spec.label} stream {spec.key} is full: {depth} records not yet acked, capacity "
+        f"{spec.capacity}; waited {waited:.1f}s for a consumer to ack (raise capacity or "
+        f"put_timeout_s, or check that the consumer group {spec.group!r} is running)")
+
+
+def is_nogroup(err: ResponseError) -> bool:
+    return str(err).startswith("NOGROUP")
+
+
+def gauges(spec: StreamSpec, xlen: int, groups) -> None:
+    """Set depth / pending / consumer_lag from XLEN and XINFO GROUPS."""
+    info = next((g for g in groups if g["name"] in (spec.group, spec.group.encode())), None)
+    pending = int(info["pending"]) if info else 0
+    lag = info.get("lag") if info else None
+    m.DEPTH.labels(spec.label).set(xlen)
+    m.PENDING.labels(spec.label).set(pending)
+    m.CONSUMER_LAG.labels(spec.label).set(lag if lag is not None else max(xlen - pending, 0))
+
+
+class GroupStream:
+    """Sync I/O on one stream + group: append with backpressure, read with reclaim,
+    settle (ack + delete, commit, dead-letter) atomically, renew leases, gauges."""
+
+    def __init__(self, client: redis.Redis, spec: StreamSpec, put_batch: int, gauge_interval_s: float):
+        self.r, self.spec = client, spec
+        self.put_batch = min(put_batch, spec.capacity)
+        self.gauge_interval_s = gauge_interval_s
+        self._put = client.register_script(PUT_LUA)
+        self._settle = client.register_script(SETTLE_LUA)
+        self._touch = client.register_script(TOUCH_LUA)
+        self._clock = Clock(spec.claim_idle_ms)
+        self._cursor: bytes | str = "0-0"
+        self._gauges_at = 0.0
+
+    def setup(self) -> None:
+        """Create the stream and its group (from id 0: nothing appended earlier is skipped)."""
+        try:
+            self.r.xgroup_create(self.spec.key, self.spec.group, id="0", mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    def append(self, records, timeout_s: float, dedup_key: str | None = None) -> int:
+        """Append records = [(dedup member, fields)], waiting for room; returns appended."""
+        appended = 0
+        for i in range(0, len(records), self.put_batch):
+            chunk = records[i:i + self.put_batch]
+            args = put_args(self.spec, chunk, dedup_key is not None)
+            keys = [self.spec.key, dedup_key or self.spec.key]
+            waiter = Waiter(timeout_s)
+            while True:
+                n, depth = self._put(keys=keys, args=args)
+                if n >= 0:
+                    break
+                delay = waiter.next_delay()
+                if delay is None:
+                    m.BACKPRESSURE_WAIT.labels(self.spec.label).observe(waiter.waited())
+                    raise full_error(self.spec, depth, waiter.waited())
+                time.sleep(delay)
+            if waiter.slept:
+                m.BACKPRESSURE_WAIT.labels(self.spec.label).observe(waiter.waited())
+            appended += n
+        self.maybe_refresh_gauges()
+        return appended
+
+    def read(self, consumer: str, n: int, block_ms: int | None) -> tuple[list[Entry], int]:
+        """Up to n entries: idle ones reclaimed from other consumers first (when a pass is
+        due), then new ones. Returns (entries, how many were reclaimed)."""
+        entries = self.reclaim(consumer, n) if self._clock.due() else []
+        reclaimed = len(entries)
+        if len(entries) < n:
+            block = None if entries or not block_ms else block_ms
+            try:
+                reply = self.r.xreadgroup(self.spec.group, consumer, {self.spec.key: ">"},
+                                          count=n - len(entries), block=block)
+            except ResponseError as err:
+                if not is_nogroup(err):
+                    raise
+                log.warning("group %s on %s vanished (Redis lost its data?); recreating",
+                            self.spec.group, self.spec.key)
+                self.setup()
+                reply = []
+            entries += parse_read(reply)
+        self.maybe_refresh_gauges()
+        return entries, reclaimed
+
+    def reclaim(self, consumer: str, n: int) -> list[Entry]:
+        """XAUTOCLAIM up to n entries idle for claim_idle_ms; over-delivered ones go to the
+        dead-letter stream."""
+        reply = self.r.xautoclaim(self.spec.key, self.spec.group, consumer,
+                                  self.spec.claim_idle_ms, self._cursor, count=n)
+        self._cursor, claimed = reply[0], [(eid, f) for eid, f in reply[1]]
+        self._clock.done(full=len(claimed) >= n)
+        if not claimed:
+            return []
+        m.RECLAIMED.labels(self.spec.label).inc(len(claimed))
+        pipe = self.r.pipeline(transaction=False)
+        for eid, _ in claimed:
+            pipe.xpending_range(self.spec.key, self.spec.group, eid, eid, 1)
+        keep, dead = over_delivered(self.spec, claimed, pipe.execute())
+        if dead:
+            self.settle(consumer, dead=dead)
+        return keep
+
+    def settle(self, consumer: str, *, commits: Sequence[tuple[bytes, str]] = (),
+               drops: Sequence[bytes] = (), dead: Sequence[Dead] = (), seen_key: str | None = None,
+               token: str = "", extra: Callable | None = None) -> list[bool]:
+        """Ack and delete entries atomically with their commit (sample marked used in
+        `seen_key`) or their dead-letter copy. `extra(pipeline)` may queue more commands
+        into the same MULTI/EXEC. Returns one flag per commit (True = ours)."""
+        keys = [self.spec.key, seen_key or self.spec.key, self.spec.dead_key]
+        chunks = list(settle_chunks(commits, drops, dead))
+        if not chunks and extra is None:
+            return []
+        if extra is None and len(chunks) == 1:
+            flags = self._settle(keys=keys, args=settle_args(self.spec, consumer, token, *chunks[0]))
+        else:  # one transaction; EVAL (not EVALSHA) so NOSCRIPT cannot split it
+            pipe = self.r.pipeline(transaction=True)
+            for chunk in chunks:
+                pipe.eval(SETTLE_LUA, 3, *keys, *settle_args(self.spec, consumer, token, *chunk))
+            if extra is not None:
+                extra(pipe)
+            results = pipe.execute()
+            flags = [f for r in results[:len(chunks)] for f in r]
+        count_dead(self.spec, dead)
+        return [bool(f) for f in flags]
+
+    def touch(self, consumer: str, entry_ids: Sequence[bytes | str]) -> int:
+        """Renew this consumer's lease on entries it still owns; returns how many it owns."""
+        if not entry_ids:
+            return 0
+        return int(self._touch(keys=[self.spec.key], args=[self.spec.group, consumer, *entry_ids]))
+
+    def maybe_refresh_gauges(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._gauges_at >= self.gauge_interval_s:
+            self._gauges_at = now
+            pipe = self.r.pipeline(transaction=False)
+            pipe.xlen(self.spec.key)
+            pipe.xinfo_groups(self.spec.key)
+            try:
+                xlen, groups = pipe.execute()
+            except ResponseError:  # stream gone: setup() recreates it on the next read
+                return
+            gauges(self.spec, xlen, groups)

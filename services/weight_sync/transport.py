@@ -1,0 +1,166 @@
+"""Bucketed weight broadcast: `WeightSender` on the learner (rank 0), `WeightReceiver` per replica.
+
+One update = one pass over the manifest's buckets. The sender packs bucket k+1
+while bucket k is on the wire (two staging buffers); the receiver posts the
+receive of bucket k+1 before handing bucket k to the loader, so loading overlaps
+the transfer. Every wait is bounded by the update's deadline; on expiry the call
+raises `TimeoutError` and the group is marked broken (gloo and NCCL leave a group
+in an undefined state after a failed collective): close it and build a new one.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator
+
+import torch
+
+from instructrl.v1 import rollout_pb2
+from instructrl.weight_sync import group as g
+from instructrl.weight_sync.manifest import pack_into, params_by_bucket, unpack, validate
+
+
+def _default_device(backend: str) -> torch.device:
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _Member:
+    """What sender and receiver share: the group, its deadline handling, its broken flag."""
+
+    def __init__(self, init_method: str, rank: int, world_size: int, backend: str, timeout_s: float,
+                 group_id: str, store, device: torch.device | str | None):
+        host, port = g.parse_init_method(init_method)
+        self.init_method, self.rank, self.world_size = init_method, rank, world_size
+        self.backend, self.timeout_s, self.group_id = backend, float(timeout_s), group_id
+        self.device = torch.device(device) if device is not None else _default_device(backend)
+        self._own_store = store is None
+        if store is None:
+            store = (g.host_store(host, port, timeout_s) if rank == 0
+                     else g.join_store(host, port, timeout_s))
+        self.store = store
+        self.pg = g.open_group(store, group_id, rank, world_size, backend, timeout_s)
+        self.broken = False
+
+    def _check(self) -> None:
+        if self.pg is None:
+            raise RuntimeError(f"weight group {self.group_id} is closed")
+        if self.broken:
+            raise RuntimeError(f"weight group {self.group_id} failed earlier; rebuild it")
+
+    def _wait(self, work, deadline: float, what: str) -> None:
+        try:
+            g.wait(work, max(deadline - time.monotonic(), 0.001), what)
+        except BaseException:
+            self.broken = True
+            raise
+
+    def close(self) -> None:
+        g.close_group(self.pg)
+        self.pg = None
+        if self._own_store:
+            self.store = None
+
+
+class WeightSender(_Member):
+    """Rank 0 of a weight group: broadcasts named tensors bucket by bucket.
+
+    `store`/`group_id` let a caller that keeps one long-lived `TCPStore` (the
+    coordinator) build successive groups on it; by default rank 0 hosts a store on
+    the `init_method` port itself.
+    """
+
+    def __init__(self, init_method: str, world_size: int, backend: str = "gloo", timeout_s: float = 60.0,
+                 *, group_id: str = "default", store=None, device: torch.device | str | None = None):
+        super().__init__(init_method, 0, world_size, backend, timeout_s, group_id, store, device)
+
+    def broadcast(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                  manifest: rollout_pb2.WeightManifest, timeout_s: float | None = None) -> int:
+        """Send every tensor of `manifest`; `named_tensors` must yield them in manifest order.
+
+        Returns the bytes sent. Raises `TimeoutError` when a bucket is not through
+        within the deadline (`timeout_s`, default the group's), `ValueError` when a
+        tensor does not match the manifest, `RuntimeError` on a transport failure.
+        """
+        self._check()
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        groups = params_by_bucket(manifest)
+        it = iter(named_tensors)
+        cap = max((b.nbytes for b in manifest.buckets), default=0)
+        staging = [torch.empty(cap, dtype=torch.uint8, device=self.device) for _ in range(min(2, len(groups)))]
+        pending: list = [None] * len(staging)
+        sent = 0
+        try:
+            for k, specs in enumerate(groups):
+                slot = k % len(staging)
+                if pending[slot] is not None:  # the buffer is reused: its last send must be done
+                    self._wait(pending[slot], deadline, f"bucket {k - len(staging)}")
+                    pending[slot] = None
+                nbytes = manifest.buckets[k].nbytes
+                buf = staging[slot][:nbytes]
+                tensors = []
+                for p in specs:
+                    name, t = next(it)
+                    if name != p.name:
+                        raise ValueError(f"expected {p.name!r} next (manifest order), got {name!r}")
+                    tensors.append(t)
+                pack_into(buf, specs, tensors)
+                if buf.is_cuda:
+                    torch.cuda.current_stream(buf.device).synchronize()
+                pending[slot] = g.broadcast(self.pg, buf, max(deadline - time.monotonic(), 0.001))
+                sent += nbytes
+            for slot, work in enumerate(pending):
+                if work is not None:
+                    self._wait(work, deadline, "last bucket")
+        except (ValueError, StopIteration) as e:
+            self.broken = True  # receivers are left waiting for buckets that will not come
+            raise ValueError(f"named_tensors does not match the manifest: {e or 'ran out of tensors'}") from e
+        except BaseException:
+            self.broken = True
+            raise
+        return sent
+
+
+class WeightReceiver(_Member):
+    """Rank `rank` > 0 of a weight group: receives an update bucket by bucket."""
+
+    def __init__(self, init_method: str, rank: int, world_size: int, backend: str = "gloo",
+                 timeout_s: float = 60.0, *, group_id: str = "default", store=None,
+                 device: torch.device | str | None = None):
+        if rank <= 0:
+            raise ValueError(f"a receiver's rank must be > 0 (the sender is rank 0), got {rank}")
+        super().__init__(init_method, rank, world_size, backend, timeout_s, group_id, store, device)
+        self.bytes_received = 0
+
+    def receive(self, manifest: rollout_pb2.WeightManifest,
+                timeout_s: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(name, tensor)` for every parameter of `manifest`, one bucket at a time.
+
+        Tensors are views into freshly allocated buckets (no copy, safe to keep).
+        The receive of the next bucket is in flight while the caller consumes the
+        current one. Raises `TimeoutError` past the deadline; `bytes_received` counts
+        the bytes of the buckets completed so far.
+        """
+        self._check()
+        validate(manifest)
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        groups = params_by_bucket(manifest)
+        self.bytes_received = 0
+
+        def post(k: int):
+            buf = torch.empty(manifest.buckets[k].nbytes, dtype=torch.uint8, device=self.device)
+            return buf, g.broadcast(self.pg, buf, max(deadline - time.monotonic(), 0.001))
+
+        done = False
+        try:
+            nxt = post(0) if groups else None
+            for k, specs in enumerate(groups):
+                buf, work = nxt
+                self._wait(work, deadline, f"bucket {k}/{len(groups)}")
+                self.bytes_received += buf.numel()
+                nxt = post(k + 1) if k + 1 < len(groups) else None
+                yield from unpack(buf, specs)
+            done = True
+        finally:
+            if not done:  # abandoned or failed mid-update: a receive may still be posted
+                self.broken = True
