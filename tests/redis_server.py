@@ -128,7 +128,7 @@ class RedisServer:
         self.proc = None
 
     def __enter__(self) -> RedisServer:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -18,10 +18,10 @@ from instructrl.buffer import metrics as m
 from instructrl.buffer import prompts as pr
 from instructrl.buffer.config import BufferConfig, Keys
 from instructrl.buffer.connection import async_redis_from_url
+from instructrl.buffer.scripts import PUT_LUA, RESERVE_LUA, RESERVE_TTL_MS, SETTLE_LUA, TOUCH_LUA
 from instructrl.buffer.streams import (
-    PUT_LUA, SETTLE_LUA, TOUCH_LUA, Clock, Dead, Entry, StreamSpec, Waiter, count_dead,
-    full_error, gauges, is_nogroup, over_delivered, parse_read, put_args, settle_args,
-    settle_chunks,
+    Clock, Dead, Entry, StreamSpec, Waiter, count_dead, full_error, gauges, is_nogroup,
+    over_delivered, parse_read, put_args, put_keys, reservation, settle_args, settle_chunks,
 )
 from instructrl.v1 import experience_pb2
 
@@ -36,6 +36,7 @@ class AsyncGroupStream:
         self.put_batch = min(put_batch, spec.capacity)
         self.gauge_interval_s = gauge_interval_s
         self._put = client.register_script(PUT_LUA)
+        self._reserve = client.register_script(RESERVE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
         self._touch = client.register_script(TOUCH_LUA)
         self._clock = Clock(spec.claim_idle_ms)
@@ -52,11 +53,10 @@ class AsyncGroupStream:
     async def append(self, records, timeout_s: float, dedup_key: str | None = None) -> int:
         appended = 0
         for i in range(0, len(records), self.put_batch):
-            args = put_args(self.spec, records[i:i + self.put_batch], dedup_key is not None)
-            keys = [self.spec.key, dedup_key or self.spec.key]
+            chunk = records[i:i + self.put_batch]
             waiter = Waiter(timeout_s)
             while True:
-                n, depth = await self._put(keys=keys, args=args)
+                n, depth = await self._try_append(chunk, dedup_key)
                 if n >= 0:
                     break
                 delay = waiter.next_delay()
@@ -70,21 +70,36 @@ class AsyncGroupStream:
         await self.maybe_refresh_gauges()
         return appended
 
+    async def _try_append(self, chunk, dedup_key: str | None) -> tuple[int, int]:
+        if dedup_key is not None:
+            return await self._put(keys=put_keys(self.spec, dedup_key), args=put_args(self.spec, chunk))
+        member = reservation(len(chunk))
+        n, depth = await self._reserve(keys=[self.spec.key, self.spec.reserved_key],
+                                       args=[self.spec.capacity, len(chunk), member, RESERVE_TTL_MS])
+        if n >= 0:
+            pipe = self.r.pipeline(transaction=False)
+            for _, fields in chunk:
+                pipe.xadd(self.spec.key, dict(zip(fields[::2], fields[1::2])))
+            pipe.zrem(self.spec.reserved_key, member)
+            await pipe.execute()
+        return n, depth
+
     async def read(self, consumer: str, n: int, block_ms: int | None) -> tuple[list[Entry], int]:
-        entries = await self.reclaim(consumer, n) if self._clock.due() else []
-        reclaimed = len(entries)
-        if len(entries) < n:
-            block = None if entries or not block_ms else block_ms
-            try:
+        try:
+            entries = await self.reclaim(consumer, n) if self._clock.due() else []
+            reclaimed = len(entries)
+            if len(entries) < n:
+                block = None if entries or not block_ms else block_ms
                 reply = await self.r.xreadgroup(self.spec.group, consumer, {self.spec.key: ">"},
                                                 count=n - len(entries), block=block)
-            except ResponseError as err:
-                if not is_nogroup(err):
-                    raise
-                log.warning("group %s on %s vanished; recreating", self.spec.group, self.spec.key)
-                await self.setup()
-                reply = []
-            entries += parse_read(reply)
+                entries += parse_read(reply)
+        except ResponseError as err:
+            if not is_nogroup(err):
+                raise
+            log.warning("group %s on %s vanished (Redis lost its data?); recreating it",
+                        self.spec.group, self.spec.key)
+            await self.setup()
+            return [], 0
         await self.maybe_refresh_gauges()
         return entries, reclaimed
 
@@ -160,8 +175,8 @@ class AsyncExperienceBuffer:
         return buf
 
     async def put(self, records: Sequence[experience_pb2.Experience], timeout_s: float | None = None,
-                  validate: bool = True) -> int:
-        items = [ex.to_fields(r, validate) for r in records]
+                  validate: bool = False) -> int:
+        items = ex.to_fields(records, validate)
         if not items:
             return 0
         n = await self.stream.append(items, self.cfg.put_timeout_s if timeout_s is None else timeout_s)
@@ -194,7 +209,7 @@ class AsyncExperienceBuffer:
     async def ack(self, batch: ex.Batch, *, tag: str = "", extra: Callable | None = None) -> list[bool]:
         commits = list(zip(batch.entry_ids, batch.sample_ids))
         flags = await self.stream.settle(batch.consumer, commits=commits, seen_key=self.keys.seen,
-                                         token=ex.commit_token(batch.consumer, tag), extra=extra)
+                                         token=ex.commit_token(batch, tag), extra=extra)
         m.DUPLICATES.labels(ex.LABEL).inc(flags.count(False))
         return flags
 

@@ -113,6 +113,10 @@ class Keys:
         """Stream of `Experience` records; group `learner`."""
         return f"{self.prefix}:experience"
 
+    def reserved(self, stream: str) -> str:
+        """Zset of producers' reservations of room in `stream` (see streams.RESERVE_LUA)."""
+        return f"{stream}:reserved"
+
     @property
     def dead(self) -> str:
         """Dead-letter stream: poison records with their reason."""

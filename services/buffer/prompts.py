@@ -52,7 +52,8 @@ class ClaimedPrompts:
 
 def spec_for(cfg: BufferConfig) -> StreamSpec:
     keys = Keys.for_run(cfg.run_id)
-    return StreamSpec(keys.prompts, cfg.prompt_group, LABEL, keys.dead, cfg.prompt_capacity,
+    return StreamSpec(keys.prompts, cfg.prompt_group, LABEL, keys.dead,
+                      keys.reserved(keys.prompts), cfg.prompt_capacity,
                       cfg.claim_idle_ms, cfg.max_deliveries, cfg.dead_letter_maxlen)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,92 +21,9 @@ import redis
 from redis.exceptions import ResponseError
 
 from instructrl.buffer import metrics as m
+from instructrl.buffer.scripts import PUT_LUA, RESERVE_LUA, RESERVE_TTL_MS, SETTLE_LUA, TOUCH_LUA
 
 log = logging.getLogger(__name__)
-
-# KEYS[1] stream, KEYS[2] dedup set (KEYS[1] when unused).
-# ARGV: capacity, dedup (0|1), k = field pairs per record, then per record: member, k pairs.
-# All-or-nothing: appends every new record of the call, or none when they would push
-# XLEN past capacity. Returns {appended, depth after} or {-1, depth} when full.
-PUT_LUA = """
-local cap = tonumber(ARGV[1])
-local dedup = ARGV[2] == '1'
-local k = tonumber(ARGV[3])
-local stride = 1 + 2 * k
-local fresh, taken = {}, {}
-for base = 4, #ARGV, stride do
-  local member = ARGV[base]
-  if not dedup then
-    fresh[#fresh + 1] = base
-  elseif not taken[member] and redis.call('SISMEMBER', KEYS[2], member) == 0 then
-    taken[member] = true
-    fresh[#fresh + 1] = base
-  end
-end
-local depth = redis.call('XLEN', KEYS[1])
-if #fresh > 0 and depth + #fresh > cap then return {-1, depth} end
-for _, base in ipairs(fresh) do
-  if dedup then redis.call('SADD', KEYS[2], ARGV[base]) end
-  redis.call('XADD', KEYS[1], '*', unpack(ARGV, base + 1, base + 2 * k))
-end
-return {#fresh, depth + #fresh}
-"""
-
-# KEYS[1] stream, KEYS[2] seen hash, KEYS[3] dead-letter stream.
-# ARGV: group, commit token, dead maxlen, #commits, #drops, #dead, then
-#   commits: entry id, sample id   (mark sample used unless another token holds it)
-#   drops:   entry id              (ack and delete)
-#   dead:    entry id, reason, detail, raw, consumer   (copy to dead-letter, ack, delete)
-# Returns one flag per commit: 1 = this token holds the sample (now or from a retried
-# call), 0 = another commit used it first. Idempotent, so safe to retry.
-SETTLE_LUA = """
-local group, token, maxlen = ARGV[1], ARGV[2], ARGV[3]
-local nc, nd, nx = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local ids, flags, i = {}, {}, 7
-for j = 1, nc do
-  local prev = redis.call('HGET', KEYS[2], ARGV[i + 1])
-  if not prev then
-    redis.call('HSET', KEYS[2], ARGV[i + 1], token)
-    flags[j] = 1
-  elseif prev == token then
-    flags[j] = 1
-  else
-    flags[j] = 0
-  end
-  ids[#ids + 1] = ARGV[i]
-  i = i + 2
-end
-for j = 1, nd do
-  ids[#ids + 1] = ARGV[i]
-  i = i + 1
-end
-for j = 1, nx do
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 'reason', ARGV[i + 1],
-    'detail', ARGV[i + 2], 'r', ARGV[i + 3], 'consumer', ARGV[i + 4],
-    'source', KEYS[1], 'source_id', ARGV[i])
-  ids[#ids + 1] = ARGV[i]
-  i = i + 5
-end
-if #ids > 0 then
-  redis.call('XACK', KEYS[1], group, unpack(ids))
-  redis.call('XDEL', KEYS[1], unpack(ids))
-end
-return flags
-"""
-
-# KEYS[1] stream. ARGV: group, consumer, entry ids. Resets the idle time of the entries
-# this consumer still owns (a lease renewal); never takes one another consumer reclaimed.
-TOUCH_LUA = """
-local owned = {}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then owned[#owned + 1] = ARGV[i] end
-end
-if #owned > 0 then
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(owned), 'JUSTID')
-end
-return #owned
-"""
 
 SETTLE_CHUNK = 1000  # entries per script call (Lua's unpack limit is far above)
 
@@ -125,22 +43,31 @@ class StreamSpec:
     group: str
     label: str  # metrics label: "prompts" | "experience"
     dead_key: str
+    reserved_key: str
     capacity: int
     claim_idle_ms: int
     max_deliveries: int
     dead_maxlen: int
 
 
-def put_args(spec: StreamSpec, records: Sequence[tuple[str, Sequence[bytes | str | int]]],
-             dedup: bool) -> list:
-    """ARGV of PUT_LUA for records given as (dedup member, flat field/value list)."""
+def put_keys(spec: StreamSpec, dedup_key: str) -> list[str]:
+    return [spec.key, dedup_key, spec.reserved_key]
+
+
+def put_args(spec: StreamSpec, records: Sequence[tuple[str, Sequence[bytes | str | int]]]) -> list:
+    """ARGV of PUT_LUA (with dedup) for records given as (member, flat field/value list)."""
     k = len(records[0][1]) // 2
-    args: list = [spec.capacity, 1 if dedup else 0, k]
+    args: list = [spec.capacity, k]
     for member, fields in records:
         assert len(fields) == 2 * k, "every record needs the same fields"
         args.append(member)
         args.extend(fields)
     return args
+
+
+def reservation(n: int) -> str:
+    """A reservation member of RESERVE_LUA: "n:random"."""
+    return f"{n}:{uuid.uuid4().hex[:16]}"
 
 
 def settle_args(spec: StreamSpec, consumer: str, token: str,
@@ -261,6 +188,7 @@ class GroupStream:
         self.put_batch = min(put_batch, spec.capacity)
         self.gauge_interval_s = gauge_interval_s
         self._put = client.register_script(PUT_LUA)
+        self._reserve = client.register_script(RESERVE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
         self._touch = client.register_script(TOUCH_LUA)
         self._clock = Clock(spec.claim_idle_ms)
@@ -276,15 +204,14 @@ class GroupStream:
                 raise
 
     def append(self, records, timeout_s: float, dedup_key: str | None = None) -> int:
-        """Append records = [(dedup member, fields)], waiting for room; returns appended."""
+        """Append records = [(dedup member, fields)], waiting for room; returns appended.
+        With dedup_key, members already in that set are skipped (PUT_LUA)."""
         appended = 0
         for i in range(0, len(records), self.put_batch):
             chunk = records[i:i + self.put_batch]
-            args = put_args(self.spec, chunk, dedup_key is not None)
-            keys = [self.spec.key, dedup_key or self.spec.key]
             waiter = Waiter(timeout_s)
             while True:
-                n, depth = self._put(keys=keys, args=args)
+                n, depth = self._try_append(chunk, dedup_key)
                 if n >= 0:
                     break
                 delay = waiter.next_delay()
@@ -298,24 +225,39 @@ class GroupStream:
         self.maybe_refresh_gauges()
         return appended
 
+    def _try_append(self, chunk, dedup_key: str | None) -> tuple[int, int]:
+        if dedup_key is not None:
+            return self._put(keys=put_keys(self.spec, dedup_key), args=put_args(self.spec, chunk))
+        member = reservation(len(chunk))
+        n, depth = self._reserve(keys=[self.spec.key, self.spec.reserved_key],
+                                 args=[self.spec.capacity, len(chunk), member, RESERVE_TTL_MS])
+        if n >= 0:
+            pipe = self.r.pipeline(transaction=False)
+            for _, fields in chunk:
+                pipe.xadd(self.spec.key, dict(zip(fields[::2], fields[1::2])))
+            pipe.zrem(self.spec.reserved_key, member)
+            pipe.execute()
+        return n, depth
+
     def read(self, consumer: str, n: int, block_ms: int | None) -> tuple[list[Entry], int]:
         """Up to n entries: idle ones reclaimed from other consumers first (when a pass is
-        due), then new ones. Returns (entries, how many were reclaimed)."""
-        entries = self.reclaim(consumer, n) if self._clock.due() else []
-        reclaimed = len(entries)
-        if len(entries) < n:
-            block = None if entries or not block_ms else block_ms
-            try:
+        due), then new ones. Returns (entries, how many were reclaimed). block_ms 0/None:
+        do not block."""
+        try:
+            entries = self.reclaim(consumer, n) if self._clock.due() else []
+            reclaimed = len(entries)
+            if len(entries) < n:
+                block = None if entries or not block_ms else block_ms
                 reply = self.r.xreadgroup(self.spec.group, consumer, {self.spec.key: ">"},
                                           count=n - len(entries), block=block)
-            except ResponseError as err:
-                if not is_nogroup(err):
-                    raise
-                log.warning("group %s on %s vanished (Redis lost its data?); recreating",
-                            self.spec.group, self.spec.key)
-                self.setup()
-                reply = []
-            entries += parse_read(reply)
+                entries += parse_read(reply)
+        except ResponseError as err:
+            if not is_nogroup(err):
+                raise
+            log.warning("group %s on %s vanished (Redis lost its data?); recreating it",
+                        self.spec.group, self.spec.key)
+            self.setup()
+            return [], 0
         self.maybe_refresh_gauges()
         return entries, reclaimed
 

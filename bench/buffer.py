@@ -1,0 +1,123 @@
+"""Experience buffer vs raw Redis streams, same records, same run.
+
+Records of realistic size: a 128-token prompt and a 512-token response (INT32) with the
+sampling and reference log-probs (FP32), about 6.7 KB serialized. Each round moves N
+records through
+  raw:    pipelined XADD of the serialized bytes, then XREADGROUP + XACK, and
+  buffer: ExperienceBuffer.put (serialize, validate, capacity check, XADD in Lua), then
+          get (XREADGROUP, parse, validate, dedup lookup) + ack (commit, XACK, XDEL),
+alternating raw and buffer rounds; records/s is N / (put time + get time), median of the
+rounds. The last line printed is JSON.
+
+  python bench/buffer.py [--records N] [--batch B] [--rounds R] [--url redis://...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import uuid
+
+import numpy as np
+
+from instructrl.buffer import BufferConfig, ExperienceBuffer, RedisConfig, delete_run, redis_from_url
+from instructrl.v1 import common_pb2, experience_pb2
+
+P, T = 128, 512  # prompt and response tokens
+
+
+def tensor(arr: np.ndarray, datatype: str) -> common_pb2.Tensor:
+    return common_pb2.Tensor(datatype=datatype, shape=list(arr.shape), raw_data=arr.tobytes())
+
+
+def make_records(n: int, tag: str) -> list[experience_pb2.Experience]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        out.append(experience_pb2.Experience(
+            sample_id=f"{tag}-{i}", prompt_id=f"p{i}", finish_reason="length", policy_version=0,
+            prompt_token_ids=tensor(rng.integers(0, 32000, P, dtype="<i4"), "INT32"),
+            response_token_ids=tensor(rng.integers(0, 32000, T, dtype="<i4"), "INT32"),
+            sampling_logprobs=tensor(-rng.random(T, dtype="<f4") * 4, "FP32"),
+            ref_logprobs=tensor(-rng.random(T, dtype="<f4") * 4, "FP32"),
+            score=0.3, raw_score=1.2, run_id=tag, replica_id="bench", sample_index=0))
+    return out
+
+
+def raw_round(client, key: str, blobs: list[bytes], batch: int) -> tuple[float, float]:
+    client.xgroup_create(key, "g", id="0", mkstream=True)
+    t0 = time.perf_counter()
+    for i in range(0, len(blobs), batch):
+        pipe = client.pipeline(transaction=False)
+        for blob in blobs[i:i + batch]:
+            pipe.xadd(key, {"r": blob})
+        pipe.execute()
+    t1 = time.perf_counter()
+    got = 0
+    while got < len(blobs):
+        reply = client.xreadgroup("g", "c", {key: ">"}, count=batch)
+        entries = reply[0][1]
+        client.xack(key, "g", *[eid for eid, _ in entries])
+        got += len(entries)
+    t2 = time.perf_counter()
+    client.delete(key)
+    return t1 - t0, t2 - t1
+
+
+def buffer_round(url: str, run_id: str, records, batch: int) -> tuple[float, float]:
+    cfg = BufferConfig(redis=RedisConfig(url=url), run_id=run_id, capacity=len(records),
+                       put_batch=batch, max_policy_lag=None)
+    with ExperienceBuffer.open(cfg) as buf:
+        t0 = time.perf_counter()
+        for i in range(0, len(records), batch):
+            buf.put(records[i:i + batch])
+        t1 = time.perf_counter()
+        got = 0
+        while got < len(records):
+            b = buf.get(batch, "c", learner_version=0, block_ms=0)
+            buf.ack(b)
+            got += len(b)
+        t2 = time.perf_counter()
+        delete_run(buf.r, run_id)
+    return t1 - t0, t2 - t1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    a = ap.parse_args()
+
+    tag = f"bench-{uuid.uuid4().hex[:10]}"
+    records = make_records(a.records, tag)
+    blobs = [r.SerializeToString() for r in records]
+    client = redis_from_url(a.url)
+    raw_rates, buf_rates, detail = [], [], []
+    try:
+        for k in range(a.rounds):
+            rp, rg = raw_round(client, f"instructrl:{{{tag}-raw}}:experience", blobs, a.batch)
+            bp, bg = buffer_round(a.url, f"{tag}-buf{k}", records, a.batch)
+            raw_rates.append(a.records / (rp + rg))
+            buf_rates.append(a.records / (bp + bg))
+            detail.append({"raw_put_s": round(rp, 4), "raw_get_s": round(rg, 4),
+                           "buffer_put_s": round(bp, 4), "buffer_get_s": round(bg, 4)})
+            print(f"round {k}: raw {raw_rates[-1]:.0f} rec/s (put {rp:.3f}s get {rg:.3f}s), "
+                  f"buffer {buf_rates[-1]:.0f} rec/s (put {bp:.3f}s get {bg:.3f}s)")
+    finally:
+        delete_run(client, f"{tag}-raw")
+        for k in range(a.rounds):
+            delete_run(client, f"{tag}-buf{k}")
+        client.close()
+    raw, buf = statistics.median(raw_rates), statistics.median(buf_rates)
+    print(json.dumps({
+        "records": a.records, "record_bytes": len(blobs[0]), "batch": a.batch, "rounds": a.rounds,
+        "buffer_records_per_s": round(buf, 1), "raw_records_per_s": round(raw, 1),
+        "ratio": round(buf / raw, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

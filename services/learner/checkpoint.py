@@ -1,0 +1,145 @@
+"""Learner checkpoints: actor, critic, optimizers (DeepSpeed), learner state, RNG; atomic; last K kept.
+
+Layout of `<dir>/step-NNNNNNNN/` (one per saved policy_version):
+
+    actor/, critic/     DeepSpeed engine checkpoints (module, optimizer and ZeRO shards)
+    actor_hf/           the actor as a Hugging Face directory (optional; servable by vLLM)
+    state.json          learner state: policy_version, step counters, KL controller,
+                        consumer, the uncommitted records (see docs/learner.md), config
+    rng-rank<R>.json    torch / python RNG states of rank R
+
+Atomicity: every rank writes into `<dir>/.tmp-step-NNNNNNNN/`, files are fsynced, then
+rank 0 renames it to `step-NNNNNNNN` (one `rename`: a reader sees all or nothing) and
+deletes the oldest beyond `keep`. `latest()` is the highest complete step directory.
+DeepSpeed stores its part with `torch.save`; those files are read back only by this
+learner from its own checkpoint directory (trusted local files), never received from
+another process. Our own state is JSON.
+"""
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import os
+import random
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from instructrl.learner.engine import hf_named_parameters
+
+STEP_RE = re.compile(r"^step-(\d{8})$")
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "chat_template*")
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def step_dir(root: str, version: int) -> str:
+    return os.path.join(root, f"step-{version:08d}")
+
+
+def latest(root: str) -> str | None:
+    """The newest complete checkpoint directory under `root`, or None."""
+    if not os.path.isdir(root):
+        return None
+    steps = sorted(d for d in os.listdir(root) if STEP_RE.match(d) and
+                   os.path.exists(os.path.join(root, d, "state.json")))
+    return os.path.join(root, steps[-1]) if steps else None
+
+
+def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "python": [version, list(internal), gauss]}
+
+
+def _set_rng_state(state: dict) -> None:
+    raw = base64.b64decode(state["torch"])
+    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(path: str) -> None:
+    for d, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save(path: str, actor, critic, state: dict, *, rank: int, save_hf: bool,
+         tokenizer_dir: str = "") -> str:
+    """Write a checkpoint to `path` atomically; a collective (every rank calls it). Returns `path`."""
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(parent, f".tmp-{name}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+        os.makedirs(tmp)
+    _barrier()
+    actor.save_checkpoint(tmp, tag="actor", save_latest=False)
+    critic.save_checkpoint(tmp, tag="critic", save_latest=False)
+    hf_params = hf_named_parameters(actor, rank) if save_hf else []
+    _write_json(os.path.join(tmp, f"rng-rank{rank}.json"), _rng_state())
+    _barrier()
+    if rank == 0:
+        if save_hf:
+            hf_dir = os.path.join(tmp, "actor_hf")
+            actor.module.save_pretrained(hf_dir, state_dict=dict(hf_params), safe_serialization=True)
+            for pattern in TOKENIZER_FILES:
+                for f in glob.glob(os.path.join(tokenizer_dir, pattern)) if tokenizer_dir else []:
+                    shutil.copy(f, hf_dir)
+        _write_json(os.path.join(tmp, "state.json"), state)  # last: its presence marks a complete save
+        _fsync_tree(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _barrier()
+    return path
+
+
+def prune(root: str, keep: int) -> None:
+    """Delete all but the newest `keep` step directories of `root` (rank 0 only)."""
+    steps = sorted(d for d in os.listdir(root) if STEP_RE.match(d))
+    for d in steps[:-keep]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def load(path: str, actor, critic, *, rank: int) -> dict:
+    """Restore engines, optimizers and this rank's RNG from `path`; returns the learner state."""
+    for engine, tag in ((actor, "actor"), (critic, "critic")):
+        loaded, _ = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"could not load the {tag} checkpoint from {path}")
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    rng = os.path.join(path, f"rng-rank{rank}.json")
+    if os.path.exists(rng):
+        with open(rng, encoding="utf-8") as f:
+            _set_rng_state(json.load(f))
+    return state

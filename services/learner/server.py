@@ -1,0 +1,140 @@
+"""The learner: `LearnerService` over `Control` (gRPC thread, rank 0) + the training loop (main thread).
+
+    instructrl serve learner --config learner.yaml ppo.max_steps=100
+    torchrun --nproc_per_node 2 -m instructrl.learner.server --config learner.yaml
+
+Rank 0 serves the gRPC API in a background thread with its own asyncio loop; the PPO
+loop (`loop.train`) runs in the main thread of every rank. SIGTERM/SIGINT ask the loop
+to stop at the next iteration boundary; it writes a final checkpoint and exits.
+See docs/learner.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import sys
+import threading
+
+from instructrl.config import ConfigError, help_lines, load
+from instructrl.learner.config import LearnerConfig
+from instructrl.learner.control import Control
+from instructrl.serving.errors import DeadlineExceeded
+from instructrl.serving.server import GrpcServer, ServerConfig
+from instructrl.v1 import learner_pb2, learner_pb2_grpc
+
+SERVICE_NAME = "instructrl.v1.LearnerService"
+log = logging.getLogger(__name__)
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    """Each RPC: proto -> `Control` call -> proto."""
+
+    def __init__(self, control: Control):
+        self.control = control
+
+    async def GetStatus(self, request, context) -> learner_pb2.LearnerStatus:
+        s = self.control.status()
+        return learner_pb2.LearnerStatus(
+            policy_version=s.policy_version, step=s.step, kl_coef=s.kl_coef,
+            rollout_replicas=sorted(self.control.replicas().values()),
+            last_checkpoint=s.last_checkpoint, samples_trained=s.samples_trained)
+
+    async def RegisterRollout(self, request, context) -> learner_pb2.RegisterRolloutResponse:
+        version = self.control.register(request.replica_id, request.address)
+        log.info("rollout replica %s at %s registered", request.replica_id, request.address)
+        return learner_pb2.RegisterRolloutResponse(policy_version=version, accepted=True)
+
+    async def UnregisterRollout(self, request, context) -> learner_pb2.UnregisterRolloutResponse:
+        self.control.unregister(request.replica_id)
+        return learner_pb2.UnregisterRolloutResponse()
+
+    async def SaveCheckpoint(self, request, context) -> learner_pb2.SaveCheckpointResponse:
+        fut = self.control.request_save(request.path)
+        try:
+            path, step = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=context.time_remaining())
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the checkpoint did not finish before the deadline; "
+                                   "it is still written at the next iteration boundary") from None
+        return learner_pb2.SaveCheckpointResponse(path=path, step=step)
+
+
+class ServerThread:
+    """A `GrpcServer` running in a daemon thread with its own event loop."""
+
+    def __init__(self, cfg: ServerConfig, control: Control):
+        self.cfg, self.control = cfg, control
+        self.loop = asyncio.new_event_loop()
+        self.grpc: GrpcServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="learner-grpc", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port if self.grpc else -1
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        self.grpc = GrpcServer("learner", self.cfg, [
+            (learner_pb2_grpc.add_LearnerServiceServicer_to_server, LearnerServicer(self.control), SERVICE_NAME)])
+        asyncio.run_coroutine_threadsafe(self.grpc.start(), self.loop).result(timeout=30)
+        asyncio.run_coroutine_threadsafe(self._serving_when_ready(), self.loop).result(timeout=30)
+        return self
+
+    async def _serving_when_ready(self) -> None:
+        """Health says NOT_SERVING until the loop has loaded (and resumed) its models."""
+        await self.grpc.set_serving(False)
+
+        async def watch() -> None:
+            while not self.control.ready.is_set():
+                await asyncio.sleep(0.1)
+            await self.grpc.set_serving(True)
+        self._watch = asyncio.ensure_future(watch())
+
+    def stop(self, grace: float | None = None) -> None:
+        if self.grpc is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self.grpc.stop(grace), self.loop).result(timeout=30)
+            except concurrent.futures.TimeoutError:
+                log.warning("learner gRPC server did not stop in 30s")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="instructrl serve learner", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML file of LearnerConfig")
+    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.kl_coef=0.05")
+    args = p.parse_args(argv)
+    if args.help_config:
+        print("\n".join(help_lines(LearnerConfig)))
+        return 0
+    try:
+        cfg = load(LearnerConfig, args.config, args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"instructrl serve learner: {e}", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=getattr(logging, cfg.logging.level.upper(), logging.INFO),
+                        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    control = Control()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: control.stop.set())  # rank 0 tells the others via the batch header
+    server = ServerThread(cfg.server, control).start() if rank == 0 and cfg.server.port >= 0 else None
+    if server is not None:
+        log.info("LearnerService on %s:%d", cfg.server.host, server.port)
+    from instructrl.learner.loop import train  # heavy imports (DeepSpeed) after the port is open
+    try:
+        status = train(cfg, control=control)
+    finally:
+        if server is not None:
+            server.stop()
+    log.info("learner stopped at policy_version %d", status.policy_version)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,92 @@
+"""Reference log-probs, transport-free: log pi_SFT(token_t | tokens_<t) of every response token.
+
+Notation: `B` items in a batch, `L` tokens of the longest sequence in it, `K` positions
+whose logits are kept, `V` vocabulary size, `T_i` response tokens of item i.
+
+For a sequence `x` (prompt followed by response) whose response starts at `s`,
+
+    logprob_t = log_softmax(logits[t - 1])[x_t]      for t = s .. len(x) - 1
+
+in float32, with the model in float32 eval mode and no grad: the same numbers as a
+plain transformers forward of the unpadded sequence (within 1e-5). Batches are
+right-padded with an attention mask, so padding never changes a real token's logits.
+The PPO learner uses them for the KL penalty to the SFT model (InstructGPT eq. 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import pathlib
+from typing import Sequence
+
+import torch
+
+from instructrl.reference.config import ReferenceConfig
+from instructrl.serving.errors import InvalidArgument
+
+
+@dataclasses.dataclass
+class LogProbsInput:
+    token_ids: Sequence[int]   # prompt followed by response
+    response_start: int        # index of the first response token
+
+
+class ReferenceScorer:
+    """Two steps so that the server can batch across requests: `prepare` one request, `forward` a batch."""
+
+    def __init__(self, cfg: ReferenceConfig):
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(cfg.device)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        self.model = model.to(self.device).eval()
+        text_cfg = model.config.get_text_config()
+        self.vocab_size = int(text_cfg.vocab_size)
+        self.max_seq_len = cfg.max_seq_len or int(text_cfg.max_position_embeddings)
+        self.pad_id = text_cfg.pad_token_id if text_cfg.pad_token_id is not None else 0
+        self.name = cfg.name or pathlib.Path(cfg.model).name
+        # skip the LM head on prompt positions where the model allows it
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def prepare(self, inputs: Sequence[LogProbsInput]) -> tuple[list[LogProbsInput], list[int]]:
+        """Validate one request: INVALID_ARGUMENT names the item and field of the first problem."""
+        if not inputs:
+            raise InvalidArgument("items: empty request, nothing to score")
+        items = []
+        for k, x in enumerate(inputs):
+            ids, s = list(x.token_ids), int(x.response_start)
+            if not ids:
+                raise InvalidArgument(f"items[{k}].token_ids: empty")
+            if len(ids) > self.max_seq_len:
+                raise InvalidArgument(f"items[{k}].token_ids: {len(ids)} tokens, more than max_seq_len "
+                                      f"{self.max_seq_len}")
+            if not 1 <= s < len(ids):
+                raise InvalidArgument(f"items[{k}].response_start: {s} is outside [1, {len(ids) - 1}] "
+                                      "(the prompt needs at least one token and the response too)")
+            for pos, t in enumerate(ids):
+                if not 0 <= t < self.vocab_size:
+                    raise InvalidArgument(f"items[{k}].token_ids: token id {t} at position {pos} is "
+                                          f"outside the vocabulary [0, {self.vocab_size})")
+            items.append(LogProbsInput(ids, s))
+        return items, [len(x.token_ids) for x in items]
+
+    @torch.inference_mode()
+    def forward(self, batch: list[LogProbsInput]) -> list[list[float]]:
+        """Per item, the T_i = len - response_start float32 log-probs of its response tokens."""
+        lengths = torch.tensor([len(x.token_ids) for x in batch], device=self.device)  # (B,)
+        L = int(lengths.max())
+        input_ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long, device=self.device)  # (B, L)
+        for i, x in enumerate(batch):
+            input_ids[i, :len(x.token_ids)] = torch.tensor(x.token_ids, dtype=torch.long)
+        mask = torch.arange(L, device=self.device)[None, :] < lengths[:, None]  # (B, L) right padding
+        first = min(x.response_start for x in batch) - 1  # earliest position whose logits are needed
+        kw = {"logits_to_keep": L - first} if self._logits_to_keep else {}
+        logits = self.model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False, **kw).logits
+        offset = L - logits.shape[1]  # logits[:, j] are the logits of position offset + j; (B, K, V)
+        out = []
+        for i, x in enumerate(batch):
+            s, n = x.response_start, len(x.token_ids)
+            rows = logits[i, s - 1 - offset:n - 1 - offset].float()             # (T_i, V) predict s..n-1
+            lp = torch.log_softmax(rows, dim=-1).gather(-1, input_ids[i, s:n, None]).squeeze(-1)  # (T_i,)
+            out.append(lp.cpu().tolist())
+        return out

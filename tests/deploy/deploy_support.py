@@ -1,0 +1,186 @@
+"""Helpers of the deployment tests: paths, the metrics catalogue, chart rendering, PromQL.
+
+Kept out of conftest.py so fixtures stay short. The tools these tests drive are real:
+Helm's Go SDK (PyPI helm-python-sdk), the Kubernetes OpenAPI schemas (PyPI
+kubernetes-validate), Prometheus and promtool (Debian package `prometheus`). A missing
+tool fails the test with what to install; it never skips.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "instructrl"
+CATALOGUE = ROOT / "docs" / "metrics.md"
+DASHBOARD = ROOT / "deploy" / "grafana" / "instructrl.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "instructrl-alerts.yaml"
+PROMETHEUS_EXAMPLE = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+DOCKER = ROOT / "deploy" / "docker"
+
+PIP_HINT = "pip install -r scripts/deploy_requirements.txt (scripts/setup.sh does it)"
+APT_HINT = "apt-get install prometheus (Debian; scripts/setup_system.sh does it)"
+
+# Two Kubernetes versions whose OpenAPI schemas kubernetes-validate ships.
+KUBE_VERSIONS = ("1.36.0", "1.37.0")
+
+
+def require_module(name: str):
+    """Import a Python tool the deployment tests need, or fail naming the install."""
+    try:
+        return __import__(name)
+    except ImportError as err:
+        pytest.fail(f"{name} is not installed ({err}): {PIP_HINT}", pytrace=False)
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"`{name}` is not on PATH: {APT_HINT}", pytrace=False)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the metrics catalogue (docs/metrics.md) -------------------------------------------
+
+@dataclass(frozen=True)
+class CatalogueMetric:
+    name: str            # as exposed: counters end in _total
+    type: str            # counter | gauge | histogram
+    labels: tuple[str, ...]
+
+    def series_names(self) -> set[str]:
+        """Names a PromQL query may use for this metric."""
+        if self.type == "histogram":
+            return {f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count"}
+        return {self.name}
+
+
+_ROW = re.compile(r"^\|\s*`(instructrl_[a-z0-9_]+)`\s*\|\s*(counter|gauge|histogram)\s*\|([^|]*)\|")
+
+
+def load_catalogue(path: Path = CATALOGUE) -> dict[str, CatalogueMetric]:
+    out: dict[str, CatalogueMetric] = {}
+    for line in path.read_text().splitlines():
+        m = _ROW.match(line.strip())
+        if m:
+            labels = tuple(x.strip() for x in m.group(3).split(",") if x.strip())
+            out[m.group(1)] = CatalogueMetric(m.group(1), m.group(2), labels)
+    assert out, f"no metric rows found in {path}"
+    return out
+
+
+def catalogue_series_names() -> set[str]:
+    return set().union(*(m.series_names() for m in load_catalogue().values()))
+
+
+# --- PromQL found in the dashboard and the rules ----------------------------------------
+
+_METRIC = re.compile(r"\b(instructrl_[a-z0-9_]+)\b")
+_SELECTOR = re.compile(r"\b(instructrl_[a-z0-9_]+)(\{[^}]*\})?")
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(_METRIC.findall(expr))
+
+
+def vector_selectors(expr: str) -> set[str]:
+    """`metric{matchers}` strings of an expression (label names never start with instructrl_)."""
+    return {name + (matchers or "") for name, matchers in _SELECTOR.findall(expr)}
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_panels(dash: dict | None = None) -> list[dict]:
+    """Every non-row panel, including those nested in collapsed rows."""
+    dash = dash or dashboard()
+    out = []
+    for p in dash["panels"]:
+        if p.get("type") == "row":
+            out.extend(p.get("panels", []))
+        else:
+            out.append(p)
+    return out
+
+
+def dashboard_queries(dash: dict | None = None) -> list[tuple[str, str]]:
+    """(panel title + refId, expr) of every target."""
+    return [(f"{p['title']} [{t['refId']}]", t["expr"])
+            for p in dashboard_panels(dash) for t in p.get("targets", [])]
+
+
+def grafana_to_promql(expr: str, namespace: str = ".*") -> str:
+    """Replace the dashboard's template variables as Grafana would."""
+    return (expr.replace("$__rate_interval", "1m").replace("$__interval", "15s")
+            .replace("$__range", "1h").replace("$namespace", namespace)
+            .replace("${namespace}", namespace))
+
+
+def alert_rules() -> list[dict]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+
+
+# --- chart rendering ---------------------------------------------------------------------
+
+@dataclass
+class Rendered:
+    """One render of the chart: its Kubernetes objects and NOTES.txt."""
+
+    objects: list[dict]
+    notes: str
+    files: dict[str, str] = field(default_factory=dict)
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def get(self, kind: str, suffix: str) -> dict:
+        found = [o for o in self.of_kind(kind) if o["metadata"]["name"].endswith(suffix)]
+        assert len(found) == 1, f"expected one {kind} named *{suffix}, found {[o['metadata']['name'] for o in found]}"
+        return found[0]
+
+
+def render(values: dict | None = None, release: str = "rl", namespace: str = "ml") -> Rendered:
+    helm = require_module("helm_python")
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values or {}, name=release, namespace=namespace, is_install=True)
+    objects: list[dict] = []
+    notes = ""
+    for path, text in files.items():
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                objects.append(doc)
+    return Rendered(objects, notes, files)
+
+
+def ci_values() -> dict[str, dict]:
+    """The scenario values files under helm/instructrl/ci/ (plus the defaults, as {})."""
+    out = {"default": {}}
+    for f in sorted((CHART / "ci").glob("*-values.yaml")):
+        out[f.name.removesuffix("-values.yaml")] = yaml.safe_load(f.read_text()) or {}
+    return out
+
+
+def containers(workload: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in workload["spec"]["template"]["spec"]["containers"]}
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
