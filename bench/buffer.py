@@ -6,8 +6,9 @@ records through
   raw:    pipelined XADD of the serialized bytes, then XREADGROUP + XACK, and
   buffer: ExperienceBuffer.put (serialize, validate, capacity check, XADD in Lua), then
           get (XREADGROUP, parse, validate, dedup lookup) + ack (commit, XACK, XDEL),
-alternating raw and buffer rounds; records/s is N / (put time + get time), median of the
-rounds. The last line printed is JSON.
+in rounds that alternate which side goes first. records/s is N / (put time + get time);
+the ratio is the median of the per-round ratios (neighbouring runs see the same machine
+load), the rates are the medians of the rounds. The last line printed is JSON.
 
   python bench/buffer.py [--records N] [--batch B] [--rounds R] [--url redis://...]
 """
@@ -87,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--url", default="redis://127.0.0.1:6379/0")
     a = ap.parse_args()
 
@@ -95,15 +96,21 @@ def main() -> None:
     records = make_records(a.records, tag)
     blobs = [r.SerializeToString() for r in records]
     client = redis_from_url(a.url)
-    raw_rates, buf_rates, detail = [], [], []
+    raw_rates: list[float] = []
+    buf_rates: list[float] = []
     try:
         for k in range(a.rounds):
-            rp, rg = raw_round(client, f"instructrl:{{{tag}-raw}}:experience", blobs, a.batch)
-            bp, bg = buffer_round(a.url, f"{tag}-buf{k}", records, a.batch)
+            def raw():
+                return raw_round(client, f"instructrl:{{{tag}-raw}}:experience", blobs, a.batch)
+
+            def buf():
+                return buffer_round(a.url, f"{tag}-buf{k}", records, a.batch)
+            if k % 2:
+                (bp, bg), (rp, rg) = buf(), raw()
+            else:
+                (rp, rg), (bp, bg) = raw(), buf()
             raw_rates.append(a.records / (rp + rg))
             buf_rates.append(a.records / (bp + bg))
-            detail.append({"raw_put_s": round(rp, 4), "raw_get_s": round(rg, 4),
-                           "buffer_put_s": round(bp, 4), "buffer_get_s": round(bg, 4)})
             print(f"round {k}: raw {raw_rates[-1]:.0f} rec/s (put {rp:.3f}s get {rg:.3f}s), "
                   f"buffer {buf_rates[-1]:.0f} rec/s (put {bp:.3f}s get {bg:.3f}s)")
     finally:
@@ -111,11 +118,11 @@ def main() -> None:
         for k in range(a.rounds):
             delete_run(client, f"{tag}-buf{k}")
         client.close()
-    raw, buf = statistics.median(raw_rates), statistics.median(buf_rates)
+    ratio = statistics.median(b / r for b, r in zip(buf_rates, raw_rates))
     print(json.dumps({
         "records": a.records, "record_bytes": len(blobs[0]), "batch": a.batch, "rounds": a.rounds,
-        "buffer_records_per_s": round(buf, 1), "raw_records_per_s": round(raw, 1),
-        "ratio": round(buf / raw, 3),
+        "buffer_records_per_s": round(statistics.median(buf_rates), 1),
+        "raw_records_per_s": round(statistics.median(raw_rates), 1), "ratio": round(ratio, 3),
     }))
 
 

@@ -165,6 +165,7 @@ class AsyncExperienceBuffer:
     def __init__(self, cfg: BufferConfig, client: aioredis.Redis | None = None):
         self.cfg = cfg
         self.keys = Keys.for_run(cfg.run_id)
+        self._owns_client = client is None
         self.r = client or async_redis_from_url(cfg.redis)
         self.stream = AsyncGroupStream(self.r, ex.spec_for(cfg), cfg.put_batch, cfg.gauge_interval_s)
 
@@ -220,7 +221,8 @@ class AsyncExperienceBuffer:
         return int(await self.r.xlen(self.keys.experience))
 
     async def close(self) -> None:
-        await self.r.aclose()
+        if self._owns_client:
+            await self.r.aclose()
 
 
 class AsyncPromptQueue:
@@ -229,6 +231,7 @@ class AsyncPromptQueue:
     def __init__(self, cfg: BufferConfig, client: aioredis.Redis | None = None):
         self.cfg = cfg
         self.keys = Keys.for_run(cfg.run_id)
+        self._owns_client = client is None
         self.r = client or async_redis_from_url(cfg.redis)
         self.stream = AsyncGroupStream(self.r, pr.spec_for(cfg), cfg.put_batch, cfg.gauge_interval_s)
 
@@ -279,4 +282,5 @@ class AsyncPromptQueue:
         return int(await self.r.xlen(self.keys.prompts))
 
     async def close(self) -> None:
-        await self.r.aclose()
+        if self._owns_client:
+            await self.r.aclose()

@@ -135,6 +135,7 @@ class ExperienceBuffer:
     def __init__(self, cfg: BufferConfig, client: redis.Redis | None = None):
         self.cfg = cfg
         self.keys = Keys.for_run(cfg.run_id)
+        self._owns_client = client is None
         self.r = client or redis_from_url(cfg.redis)
         self.stream = GroupStream(self.r, spec_for(cfg), cfg.put_batch, cfg.gauge_interval_s)
 
@@ -161,8 +162,12 @@ class ExperienceBuffer:
 
     def get(self, n: int, consumer: str, *, learner_version: int | None = None,
             block_ms: int | None = None) -> Batch:
-        """Up to n valid, unused, fresh-enough records (fewer, even none, on timeout or
-        when some were dropped). Poison entries go to the dead-letter stream."""
+        """Up to n valid, unused, fresh-enough records: entries idle at dead consumers
+        first, then new ones, waiting up to block_ms (default buffer.block_ms; 0: do not
+        wait) when there are none. Fewer, even none, come back on timeout or when some
+        were dropped (duplicates, stale, poison: see the Batch counters). With
+        learner_version, lags[i] = learner_version - policy_version and max_policy_lag
+        applies; without it, lags are 0 and nothing is stale."""
         entries, reclaimed = self.stream.read(
             consumer, n, self.cfg.block_ms if block_ms is None else block_ms)
         return self._deliver(consumer, entries, reclaimed, learner_version)
@@ -210,7 +215,9 @@ class ExperienceBuffer:
         self.stream.maybe_refresh_gauges(force=True)
 
     def close(self) -> None:
-        self.r.close()
+        """Close the client, unless it was passed in."""
+        if self._owns_client:
+            self.r.close()
 
     def __enter__(self) -> ExperienceBuffer:
         return self

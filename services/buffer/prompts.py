@@ -102,6 +102,7 @@ class PromptQueue:
     def __init__(self, cfg: BufferConfig, client: redis.Redis | None = None):
         self.cfg = cfg
         self.keys = Keys.for_run(cfg.run_id)
+        self._owns_client = client is None
         self.r = client or redis_from_url(cfg.redis)
         self.stream = GroupStream(self.r, spec_for(cfg), cfg.put_batch, cfg.gauge_interval_s)
 
@@ -166,7 +167,9 @@ class PromptQueue:
         self.stream.maybe_refresh_gauges(force=True)
 
     def close(self) -> None:
-        self.r.close()
+        """Close the client, unless it was passed in."""
+        if self._owns_client:
+            self.r.close()
 
     def __enter__(self) -> PromptQueue:
         return self

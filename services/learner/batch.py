@@ -48,6 +48,9 @@ class ExperienceBatch:
         """The records at `idx` (a slice or an index tensor)."""
         return ExperienceBatch(**{f: getattr(self, f)[idx] for f in self.FIELDS})
 
+    def to(self, device: torch.device | str) -> "ExperienceBatch":
+        return ExperienceBatch(**{f: getattr(self, f).to(device) for f in self.FIELDS})
+
     @property
     def num_tokens(self) -> int:
         """Real response tokens in the batch."""
@@ -120,35 +123,37 @@ def _shape(name: str, B: int, L: int, T: int) -> tuple[int, ...]:
 
 
 def broadcast_batch(batch: ExperienceBatch | None, control: dict[str, int], save_path: str = "",
-                    src: int = 0) -> tuple[ExperienceBatch | None, dict[str, int], str]:
+                    device: torch.device | str = "cpu", src: int = 0
+                    ) -> tuple[ExperienceBatch | None, dict[str, int], str]:
     """Send (on `src`) or receive (elsewhere) one batch plus the control flags and save path.
 
     `control` holds `stop`, `save`, `sync` (ints); `batch` may be None (nothing to train).
-    With a world of one rank this returns its inputs unchanged.
+    Every rank gets the batch on `device` (the backend's: cuda for NCCL, cpu for gloo).
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return batch, control, save_path
+        return (batch.to(device) if batch is not None else None), control, save_path
     sending = dist.get_rank() == src
-    header = torch.zeros(len(HEADER), dtype=torch.long)
+    header = torch.zeros(len(HEADER), dtype=torch.long, device=device)
     path_bytes = save_path.encode()
     if sending:
         B, L, T = (0, 0, 0) if batch is None else (len(batch), batch.input_ids.shape[1], batch.response_ids.shape[1])
         header.copy_(torch.tensor([B, L, T, control.get("stop", 0), control.get("save", 0),
-                                   control.get("sync", 0), len(path_bytes)]))
+                                   control.get("sync", 0), len(path_bytes)], device=device))
     dist.broadcast(header, src)
     h = dict(zip(HEADER, header.tolist()))
     if h["B"] > 0:
         tensors = {}
         for name in ExperienceBatch.FIELDS:
-            t = getattr(batch, name).contiguous() if sending else torch.empty(
-                _shape(name, h["B"], h["L"], h["T"]), dtype=_DTYPES[name])
+            t = getattr(batch, name).to(device).contiguous() if sending else torch.empty(
+                _shape(name, h["B"], h["L"], h["T"]), dtype=_DTYPES[name], device=device)
             dist.broadcast(t, src)
             tensors[name] = t
         batch = ExperienceBatch(**tensors)
     else:
         batch = None
     if h["path_len"] > 0:
-        buf = torch.tensor(list(path_bytes), dtype=torch.uint8) if sending else torch.empty(h["path_len"], dtype=torch.uint8)
+        buf = (torch.tensor(list(path_bytes), dtype=torch.uint8, device=device) if sending
+               else torch.empty(h["path_len"], dtype=torch.uint8, device=device))
         dist.broadcast(buf, src)
         save_path = bytes(buf.tolist()).decode()
     return batch, {k: h[k] for k in ("stop", "save", "sync")}, save_path

@@ -129,15 +129,23 @@ def prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
-def load(path: str, actor, critic, *, rank: int) -> dict:
-    """Restore engines, optimizers and this rank's RNG from `path`; returns the learner state."""
+def load(path: str, actor, critic, *, rank: int, world: int) -> dict:
+    """Restore engines, optimizers and this rank's RNG from `path`; returns the learner state.
+
+    ZeRO stages 1-3 shard the optimizer by rank, so those checkpoints resume only on the
+    same number of ranks (stage 0 resumes on any).
+    """
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    saved_world = int(state.get("world_size", world))
+    if saved_world != world and actor.zero_optimization_stage() > 0:
+        raise RuntimeError(f"{path} was written by {saved_world} ranks under ZeRO-"
+                           f"{actor.zero_optimization_stage()}; resume it with {saved_world} ranks")
     for engine, tag in ((actor, "actor"), (critic, "critic")):
         loaded, _ = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         if loaded is None:
             raise RuntimeError(f"could not load the {tag} checkpoint from {path}")
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
     rng = os.path.join(path, f"rng-rank{rank}.json")
     if os.path.exists(rng):
         with open(rng, encoding="utf-8") as f:

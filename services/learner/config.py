@@ -129,8 +129,8 @@ class LearnerConfig:
     consumer: str = field("learner-0", help="consumer name in the experience group (stable across restarts)")
     sync: SyncConfig = field(default_factory=SyncConfig, help="weight broadcast to the rollout replicas")
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, help="checkpoints and resume")
-    server: ServerConfig = field(default_factory=lambda: ServerConfig(port=50054),
-                                 help="the LearnerService gRPC server (rank 0)")
+    server: ServerConfig = field(default_factory=ServerConfig,
+                                 help="the LearnerService gRPC server (rank 0; port -1 = none)")
     logging: LoggingConfig = field(default_factory=LoggingConfig, help="logs")
 
     def validate(self) -> None:

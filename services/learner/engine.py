@@ -63,6 +63,13 @@ def init_distributed(cfg: LearnerConfig) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def device() -> torch.device:
+    """This rank's device (cuda:LOCAL_RANK with NCCL, cpu otherwise)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def grad_accum_steps(cfg: LearnerConfig, world: int) -> int:
     """GAS such that world * GAS * micro_batch_size == minibatch_size."""
     ppo = cfg.ppo
@@ -99,7 +106,7 @@ def build_engine(model: nn.Module, lr: float, cfg: LearnerConfig, world: int):
 
 def loss_divisor(minibatch_tokens: int, world: int, gas: int) -> float:
     """`num_tokens` to pass to the RL losses of one micro-batch (see the module docstring)."""
-    return minibatch_tokens / gas
+    return minibatch_tokens / (world * gas)
 
 
 def policy_forward(actor, batch: ExperienceBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,6 @@ Notation: B batch, T response tokens, W ranks, G gradient-accumulation steps.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable
 
@@ -37,9 +36,9 @@ from instructrl.learner import checkpoint, metrics
 from instructrl.learner.batch import broadcast_batch, from_records
 from instructrl.learner.config import LearnerConfig
 from instructrl.learner.control import Control, Status
-from instructrl.learner.engine import (all_gather_rows, build_engine, grad_accum_steps, hf_named_parameters,
-                                       init_distributed, lm_forward, loss_divisor, policy_forward,
-                                       resolve_backend, value_forward)
+from instructrl.learner.engine import (all_gather_rows, build_engine, device, grad_accum_steps,
+                                       hf_named_parameters, init_distributed, lm_forward, loss_divisor,
+                                       policy_forward, resolve_backend, value_forward)
 from instructrl.learner.models import load_actor, load_critic
 from instructrl.rl import (AdaptiveKLController, FixedKLController, compute_gae, entropy_from_logits,
                            explained_variance, kl_estimate, kl_shaped_rewards, lm_loss, logprob_mismatch,
@@ -58,9 +57,11 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
     `sync_fn` replaces the weight broadcast of step 6 (tests use an in-process "replica");
     by default rank 0 broadcasts to the replicas registered in `control`.
     """
+    # 0. setup: ranks, models under DeepSpeed, KL controller, ptx data, buffer (rank 0), resume
     ppo = cfg.ppo
     control = control or Control()
     rank, world = init_distributed(cfg)
+    dev = device()
     torch.manual_seed(ppo.seed)
     gas = grad_accum_steps(cfg, world)
     from transformers import AutoTokenizer
@@ -90,7 +91,7 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
             sync_fn = coordinator.sync
     last_ckpt = checkpoint.latest(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
     if last_ckpt:  # resume: models, optimizers, RNG, counters, KL controller, ptx position
-        saved = checkpoint.load(last_ckpt, actor, critic, rank=rank)
+        saved = checkpoint.load(last_ckpt, actor, critic, rank=rank, world=world)
         counters = {k: int(saved[k]) for k in counters}
         kl_ctl.load_state_dict(saved["kl_controller"])
         if ptx is not None and saved.get("ptx"):
@@ -138,7 +139,7 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
                                  and (counters["policy_version"] + 1) % cfg.sync.every == 0
                                  and (coordinator is None or bool(control.replicas())))}
         batch = from_records(records, lags, pad_id) if records else None
-        batch, flags, save_path = broadcast_batch(batch, flags, save_request[0] if save_request else "")
+        batch, flags, save_path = broadcast_batch(batch, flags, save_request[0] if save_request else "", dev)
         if batch is None:  # woken by a stop or checkpoint request (or max_steps) with nothing to train
             out = ""
             if flags["save"] or (flags["stop"] and saved_version != counters["policy_version"]):
@@ -159,9 +160,9 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
             for i in range(0, len(shard), ppo.micro_batch_size):
                 micro = shard.rows(slice(i, i + ppo.micro_batch_size))
                 logprobs, logits = policy_forward(actor, micro, ppo.temperature)
-                parts["logprobs"].append(logprobs.cpu())
-                parts["entropy"].append(entropy_from_logits(logits).cpu())
-                parts["values"].append(value_forward(critic, micro).cpu())
+                parts["logprobs"].append(logprobs)
+                parts["entropy"].append(entropy_from_logits(logits))
+                parts["values"].append(value_forward(critic, micro))
         old_logprobs, old_values, entropy = (all_gather_rows(torch.cat(parts[k])) for k in
                                              ("logprobs", "values", "entropy"))  # (B, T) each
         mismatch = logprob_mismatch(old_logprobs, batch.sampling_logprobs, mask)
@@ -214,7 +215,9 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
                                           pg_stats["approx_kl"].item() * n, pg_stats["clip_fraction"].item() * n,
                                           n, 0.0, 0.0], dtype=torch.float64)
         if world > 1:
-            dist.all_reduce(sums)
+            on_device = sums.to(dev)
+            dist.all_reduce(on_device)
+            sums = on_device.cpu()
         phases["ppo"] = time.perf_counter() - t0
 
         # 5. optimizer steps, KL controller, policy_version
@@ -231,22 +234,24 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
             if rank == 0:
                 if coordinator is not None:
                     coordinator.set_replicas(list(control.replicas().values()))
-                sync_result = sync_fn(lambda: iter(params), counters["policy_version"])
-                metrics.record_sync(sync_result.seconds, sync_result.bytes, len(sync_result.replicas_ok),
-                                    len(sync_result.replicas_failed))
+                try:  # a replica's failure is reported in the result; anything else must not stop training
+                    sync_result = sync_fn(lambda: iter(params), counters["policy_version"])
+                    metrics.record_sync(sync_result.seconds, sync_result.bytes, len(sync_result.replicas_ok),
+                                        len(sync_result.replicas_failed))
+                except Exception:  # noqa: BLE001
+                    log.exception("weight sync of v%d failed", counters["policy_version"])
+                    metrics.SYNC_FAILURES.inc()
             del params
         phases["sync"] = time.perf_counter() - t0
 
         # 7. metrics; checkpoint every N iterations (or on request / at the end), then ack
         t0 = time.perf_counter()
         finished = 0 < ppo.max_steps <= counters["policy_version"]
-        out = ""
-        if flags["save"] and save_path:  # requested elsewhere: a copy, never the resume point
-            out = save(save_path)
-        if counters["policy_version"] % cfg.checkpoint.every == 0 or finished or (flags["save"] and not save_path):
-            out = save() if not save_path else (save(), out)[1]
+        due = counters["policy_version"] % cfg.checkpoint.every == 0 or finished
+        copy = save(save_path) if flags["save"] and save_path else ""  # requested elsewhere: not a resume point
+        regular = save() if due or (flags["save"] and not save_path) else ""
         if save_request:
-            save_request[1].set_result((out, counters["optimizer_steps"]))
+            save_request[1].set_result((copy or regular, counters["optimizer_steps"]))
         phases["checkpoint"] = time.perf_counter() - t0
         if rank == 0:
             tokens = float(sums[4]) / max(ppo.epochs, 1)
@@ -287,7 +292,8 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
 
     if rank == 0:
         jsonl.close()
+        reader.buffer.close()
         if coordinator is not None:
             coordinator.close()
         control.fail_pending(RuntimeError("the learner stopped"))
-    return control.status()
+    return control.status()  # the process group stays: DeepSpeed caches it (a later train() reuses it)

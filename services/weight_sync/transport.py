@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from instructrl.codec import datatype_name
 from instructrl.v1 import rollout_pb2
 from instructrl.weight_sync import group as g
 from instructrl.weight_sync.manifest import pack_into, params_by_bucket, unpack, validate
@@ -56,6 +57,7 @@ class _Member:
             raise
 
     def close(self) -> None:
+        self._staging, self._buffers = [], {}  # drop kept buffers (sender / receiver)
         g.close_group(self.pg)
         self.pg = None
         if self._own_store:
@@ -73,6 +75,23 @@ class WeightSender(_Member):
     def __init__(self, init_method: str, world_size: int, backend: str = "gloo", timeout_s: float = 60.0,
                  *, group_id: str = "default", store=None, device: torch.device | str | None = None):
         super().__init__(init_method, 0, world_size, backend, timeout_s, group_id, store, device)
+        self._staging: list[torch.Tensor] = []
+
+    def _staging_buffers(self, nbytes: int, count: int) -> list[torch.Tensor]:
+        """Two packing buffers kept between updates (fresh memory costs page faults every time)."""
+        if len(self._staging) < count or any(b.numel() < nbytes for b in self._staging[:count]):
+            self._staging = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(count)]
+        return self._staging[:count]
+
+    def _alone(self, specs, tensors, nbytes: int) -> torch.Tensor | None:
+        """A bucket that is exactly one contiguous tensor on our device is sent as is (no copy)."""
+        if len(specs) != 1:
+            return None
+        t, p = tensors[0].detach(), specs[0]
+        if (t.device != self.device or not t.is_contiguous() or p.nbytes != nbytes
+                or datatype_name(t.dtype) != p.datatype or tuple(t.shape) != tuple(p.shape)):
+            return None
+        return t.reshape(-1).view(torch.uint8)
 
     def broadcast(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                   manifest: rollout_pb2.WeightManifest, timeout_s: float | None = None) -> int:
@@ -86,8 +105,7 @@ class WeightSender(_Member):
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         groups = params_by_bucket(manifest)
         it = iter(named_tensors)
-        cap = max((b.nbytes for b in manifest.buckets), default=0)
-        staging = [torch.empty(cap, dtype=torch.uint8, device=self.device) for _ in range(min(2, len(groups)))]
+        staging = self._staging_buffers(max((b.nbytes for b in manifest.buckets), default=0), min(2, len(groups)))
         pending: list = [None] * len(staging)
         sent = 0
         try:
@@ -97,14 +115,16 @@ class WeightSender(_Member):
                     self._wait(pending[slot], deadline, f"bucket {k - len(staging)}")
                     pending[slot] = None
                 nbytes = manifest.buckets[k].nbytes
-                buf = staging[slot][:nbytes]
                 tensors = []
                 for p in specs:
                     name, t = next(it)
                     if name != p.name:
                         raise ValueError(f"expected {p.name!r} next (manifest order), got {name!r}")
                     tensors.append(t)
-                pack_into(buf, specs, tensors)
+                buf = self._alone(specs, tensors, nbytes)
+                if buf is None:
+                    buf = staging[slot][:nbytes]
+                    pack_into(buf, specs, tensors)
                 if buf.is_cuda:
                     torch.cuda.current_stream(buf.device).synchronize()
                 pending[slot] = g.broadcast(self.pg, buf, max(deadline - time.monotonic(), 0.001))
@@ -131,15 +151,27 @@ class WeightReceiver(_Member):
             raise ValueError(f"a receiver's rank must be > 0 (the sender is rank 0), got {rank}")
         super().__init__(init_method, rank, world_size, backend, timeout_s, group_id, store, device)
         self.bytes_received = 0
+        self._buffers: dict[int, torch.Tensor] = {}
 
-    def receive(self, manifest: rollout_pb2.WeightManifest,
-                timeout_s: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def _bucket(self, k: int, nbytes: int, reuse: bool) -> torch.Tensor:
+        if not reuse:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        buf = self._buffers.get(k)
+        if buf is None or buf.numel() != nbytes:
+            buf = self._buffers[k] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buf
+
+    def receive(self, manifest: rollout_pb2.WeightManifest, timeout_s: float | None = None,
+                reuse_buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(name, tensor)` for every parameter of `manifest`, one bucket at a time.
 
-        Tensors are views into freshly allocated buckets (no copy, safe to keep).
-        The receive of the next bucket is in flight while the caller consumes the
-        current one. Raises `TimeoutError` past the deadline; `bytes_received` counts
-        the bytes of the buckets completed so far.
+        Tensors are views into the received buckets (no copy). With `reuse_buffers`
+        the buckets are kept and refilled by the next `receive`, so the tensors are
+        valid until then (saves allocating and faulting in a model's worth of memory
+        per update, at the price of keeping it); otherwise every update gets fresh
+        buckets and the tensors may be kept. The receive of the next bucket is in
+        flight while the caller consumes the current one. Raises `TimeoutError` past
+        the deadline; `bytes_received` counts the bytes of the buckets completed.
         """
         self._check()
         validate(manifest)
@@ -148,7 +180,7 @@ class WeightReceiver(_Member):
         self.bytes_received = 0
 
         def post(k: int):
-            buf = torch.empty(manifest.buckets[k].nbytes, dtype=torch.uint8, device=self.device)
+            buf = self._bucket(k, manifest.buckets[k].nbytes, reuse_buffers)
             return buf, g.broadcast(self.pg, buf, max(deadline - time.monotonic(), 0.001))
 
         done = False

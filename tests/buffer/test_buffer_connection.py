@@ -10,8 +10,10 @@ from redis_server import RedisServer, free_port
 
 from instructrl.buffer import BufferConfig, ExperienceBuffer, RedisConfig, redis_from_url
 
+# the least privilege the buffer needs (docs/buffer.md): its own keys, no pub/sub
 ACL = ["--user", "default", "off",
-       "--user", "alice", "on", ">s3cret", "~instructrl:*", "&*", "+@all"]
+       "--user", "alice", "on", ">s3cret", "resetkeys", "~instructrl:*", "resetchannels", "-@all",
+       "+@read", "+@write", "+@scripting", "+@transaction", "+@connection", "+time"]
 
 
 def round_trip(cfg: BufferConfig) -> None:
@@ -31,6 +33,10 @@ def test_acl_user_and_password_from_url_or_fields(tmp_path, monkeypatch):
         monkeypatch.setenv("INSTRUCTRL_REDIS_PASSWORD", "s3cret")
         round_trip(BufferConfig(redis=RedisConfig(url=f"redis://127.0.0.1:{port}/0", username="alice"),
                                 run_id="acl-env"))
+        other = redis_from_url(RedisConfig(url=f"redis://alice:s3cret@127.0.0.1:{port}/0"))
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            other.set("not-instructrl", 1)
+        other.close()
         bad = redis_from_url(RedisConfig(url=f"redis://alice:wrong@127.0.0.1:{port}/0"))
         t0 = time.monotonic()
         with pytest.raises(redis.AuthenticationError):

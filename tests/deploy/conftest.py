@@ -1,10 +1,12 @@
 """Fixtures of the deployment tests: metrics processes and a real Prometheus scraping them.
 
 `metrics_targets` is what Prometheus scrapes as the healthy deployment (namespace label
-"healthy"); today a metrics_exporter.py process playing a healthy run over the services'
-real metric declarations. Point it at the services themselves (e.g. `instructrl launch`
-with fixed metrics ports) when they run locally. `failing_metrics_targets` (namespace
-"failing") always plays a broken run, so that every alert has something to fire on.
+"healthy"): the real reward service (local_services.py, kept busy with Score calls) and a
+metrics_exporter.py process playing a healthy run over the services' real metric
+declarations for what does not run here yet (rollout, reference, learner, buffer). Add the
+other services to it as they become cheap to start (e.g. `instructrl launch` with fixed
+metrics ports) and drop the exporter. `failing_metrics_targets` (namespace "failing")
+always plays a broken run, so that every alert has something to fire on.
 """
 from __future__ import annotations
 
@@ -19,9 +21,16 @@ import pytest
 import yaml
 
 import deploy_support as ds
+from local_services import RewardService
 from prometheus_api import Prometheus
 
 EXPORTER = ds.ROOT / "tests" / "deploy" / "metrics_exporter.py"
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, ds.Rendered]:
+    """The chart rendered for the defaults and every helm/instructrl/ci/*-values.yaml."""
+    return {name: ds.render(values) for name, values in ds.ci_values().items()}
 
 
 @dataclass
@@ -30,6 +39,7 @@ class ScrapeJob:
     targets: list[str]
     namespace: str                      # the `namespace` label Prometheus attaches
     standin: bool = False               # played by metrics_exporter.py, not a real service
+    steady: bool = True                 # past start-up: no alert may fire for it
     report: dict = field(default_factory=dict)
 
 
@@ -57,10 +67,20 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def metrics_targets():
-    proc, port, report = _start_exporter("healthy")
-    yield [ScrapeJob("healthy", [f"127.0.0.1:{port}"], "healthy", standin=True, report=report)]
-    _stop(proc)
+def metrics_targets(tmp_path_factory):
+    reward = RewardService(tmp_path_factory.mktemp("services")).start()
+    try:
+        proc, port, report = _start_exporter("healthy")
+        try:
+            reward.wait_ready()
+        except (RuntimeError, TimeoutError) as err:
+            _stop(proc)
+            pytest.fail(str(err), pytrace=False)
+        yield [ScrapeJob("healthy", [f"127.0.0.1:{port}"], "healthy", standin=True, report=report),
+               ScrapeJob("reward", [f"127.0.0.1:{reward.metrics_port}"], "healthy")]
+        _stop(proc)
+    finally:
+        reward.stop()
 
 
 @pytest.fixture(scope="session")

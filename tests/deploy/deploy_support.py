@@ -178,6 +178,12 @@ def ci_values() -> dict[str, dict]:
     return out
 
 
+def server_container(r: Rendered, role: str) -> dict:
+    """The gRPC server container of a role."""
+    kind = "StatefulSet" if role == "learner" else "Deployment"
+    return containers(r.get(kind, f"-{role}"))[role]
+
+
 def containers(workload: dict) -> dict[str, dict]:
     return {c["name"]: c for c in workload["spec"]["template"]["spec"]["containers"]}
 

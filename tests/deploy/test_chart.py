@@ -19,11 +19,6 @@ import netpol
 SCENARIOS = ds.ci_values()
 
 
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, ds.Rendered]:
-    return {name: ds.render(values) for name, values in SCENARIOS.items()}
-
-
 # --- lint and schema ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kube", ds.KUBE_VERSIONS)
@@ -60,6 +55,7 @@ BAD_VALUES = {
     "PDB percent typo": {"rollout": {"pdb": {"enabled": True, "maxUnavailable": "25"}}},
     "bad scrape interval": {"metrics": {"serviceMonitor": {"interval": "often"}}},
     "config not a mapping": {"config": {"reward": "model=/m"}},
+    "ranks without shared checkpoints": {"learner": {"ranks": 2}},
 }
 
 
@@ -163,15 +159,10 @@ def test_crd_checker_catches_mistakes():
 SERVERS = {"Deployment": ("rollout", "reward", "reference"), "StatefulSet": ("learner",)}
 
 
-def _server(r: ds.Rendered, role: str) -> dict:
-    kind = "StatefulSet" if role == "learner" else "Deployment"
-    return ds.containers(r.get(kind, f"-{role}"))[role]
-
-
 def test_defaults(rendered):
     r = rendered["default"]
     for role in ("rollout", "reward", "reference", "learner"):
-        c = _server(r, role)
+        c = ds.server_container(r, role)
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1, role
         assert c["image"].endswith("-gpu"), c["image"]
         assert c["args"][:4] == ["serve", role, "--config", "/etc/instructrl/config.yaml"]
@@ -180,8 +171,8 @@ def test_defaults(rendered):
             assert c[probe]["grpc"]["port"] == 50051, (role, probe)
         mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
         assert mount["subPath"] == f"{role}.yaml"
-    assert _server(r, "reward")["readinessProbe"]["grpc"]["service"] == "instructrl.v1.RewardService"
-    assert {"device=cuda", "torch_threads=4"} <= set(_server(r, "reward")["args"])
+    assert ds.server_container(r, "reward")["readinessProbe"]["grpc"]["service"] == "instructrl.v1.RewardService"
+    assert {"device=cuda", "torch_threads=4"} <= set(ds.server_container(r, "reward")["args"])
     worker = ds.containers(r.get("Deployment", "-rollout"))["worker"]
     assert worker["args"][:3] == ["rollout-worker", "--config", "/etc/instructrl/config.yaml"]
     assert "nvidia.com/gpu" not in worker.get("resources", {}).get("limits", {})
@@ -226,6 +217,11 @@ def test_learner_ranks(rendered, scenario, ranks):
     assert env["MASTER_PORT"]["value"] == "29500"
     client = r.get("Service", "-learner")
     assert client["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == "rl-instructrl-learner-0"
+    # only rank 0 serves grpc.health: probes for a single rank only
+    probes = {"startupProbe", "livenessProbe", "readinessProbe"} & set(ds.containers(sts)["learner"])
+    assert probes == ({"startupProbe", "livenessProbe", "readinessProbe"} if ranks == 1 else set())
+    if ranks > 1:
+        assert not [v for v in sts["spec"].get("volumeClaimTemplates", [])], "ranks share one checkpoint claim"
 
 
 def test_external_redis(rendered):
@@ -236,7 +232,7 @@ def test_external_redis(rendered):
     assert url == SCENARIOS["external-redis"]["redis"]["external"]["url"]
     r = rendered["external-redis-secret"]
     assert not r.of_kind("Secret")
-    ref = ds.env_of(_server(r, "learner"))["INSTRUCTRL_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    ref = ds.env_of(ds.server_container(r, "learner"))["INSTRUCTRL_REDIS_URL"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "team-redis", "key": "redis-url"}
     scaled = r.get("ScaledObject", "-rollout")["spec"]["triggers"][0]["metadata"]
     assert scaled["address"] == "redis.example.internal:6380" and scaled["enableTLS"] == "true"
@@ -248,9 +244,10 @@ def test_tls_and_token(rendered, scenario):
     r = rendered[scenario]
     mtls = SCENARIOS[scenario]["tls"].get("mtls", False)
     for role in ("rollout", "reward", "reference", "learner"):
-        c = _server(r, role)
+        c = ds.server_container(r, role)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert c[probe]["grpc"]["port"] == 50050, "probes must use the plaintext health port"
+            if probe in c or role != "learner":  # a multi-rank learner has none (rank > 0 serves no gRPC)
+                assert c[probe]["grpc"]["port"] == 50050, "probes must use the plaintext health port"
         assert {"server.health_port=50050", "server.tls.cert_file=/etc/instructrl/tls/tls.crt",
                 f"server.tls.require_client_auth={str(mtls).lower()}"} <= set(c["args"])
         assert ds.env_of(c)["INSTRUCTRL_TLS_DIR"]["value"] == "/etc/instructrl/tls"
@@ -307,7 +304,7 @@ def test_cpu_only(rendered):
     r = rendered["cpu"]
     text = json.dumps(r.objects)
     assert "nvidia.com/gpu" not in text and "-gpu\"" not in text
-    assert "device=cpu" in _server(r, "reference")["args"]
+    assert "device=cpu" in ds.server_container(r, "reference")["args"]
     assert not r.of_kind("NetworkPolicy") and not r.of_kind("ServiceAccount")
     assert list(ds.containers(r.get("Deployment", "-rollout"))) == ["rollout"]
 
@@ -355,3 +352,4 @@ def test_network_policies(rendered, scenario):
             wrong.append(f"prometheus reaches the gRPC port of {role}")
     assert netpol.allowed(policies, prometheus, _pod(r, "rollout"), 9091), "worker metrics"
     assert not wrong, "\n".join(wrong)
+

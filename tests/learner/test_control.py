@@ -1,0 +1,106 @@
+"""The LearnerService over real gRPC, and an idle learner honouring SaveCheckpoint and stop; PPO-ptx."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import grpc
+import pytest
+
+from instructrl.buffer import ExperienceBuffer
+from instructrl.learner.control import Control
+from instructrl.learner.loop import train
+from instructrl.learner.server import ServerThread
+from instructrl.serving.client import ClientConfig, sync_channel
+from instructrl.serving.server import ServerConfig
+from instructrl.v1 import learner_pb2, learner_pb2_grpc
+from learner_testkit import build_tiny, config, random_records
+
+
+def test_learner_service_rpcs():
+    control = Control()
+    server = ServerThread(ServerConfig(port=0, metrics_port=-1), control).start()
+    try:
+        with sync_channel(ClientConfig(address=f"127.0.0.1:{server.port}")) as ch:
+            stub = learner_pb2_grpc.LearnerServiceStub(ch)
+            control.publish(policy_version=7, step=70, kl_coef=0.02)
+            r = stub.RegisterRollout(learner_pb2.RegisterRolloutRequest(replica_id="a", address="h:1"))
+            assert r.accepted and r.policy_version == 7
+            stub.RegisterRollout(learner_pb2.RegisterRolloutRequest(replica_id="b", address="h:2"))
+            stub.UnregisterRollout(learner_pb2.UnregisterRolloutRequest(replica_id="a"))
+            s = stub.GetStatus(learner_pb2.GetLearnerStatusRequest())
+            assert (s.policy_version, s.step, list(s.rollout_replicas)) == (7, 70, ["h:2"])
+            assert control.replicas() == {"b": "h:2"}
+            with pytest.raises(grpc.RpcError) as e:
+                stub.RegisterRollout(learner_pb2.RegisterRolloutRequest(replica_id="", address="h:3"))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+            def loop_side():  # what the training loop does at its next iteration boundary
+                while not control.save_requested():
+                    time.sleep(0.01)
+                path, fut = control.take_save_request()
+                fut.set_result((path or "/ckpt/step-00000007", 70))
+            t = threading.Thread(target=loop_side)
+            t.start()
+            resp = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(), timeout=10)
+            t.join()
+            assert (resp.path, resp.step) == ("/ckpt/step-00000007", 70)
+            with pytest.raises(grpc.RpcError) as e:  # nobody answers: the deadline, not a hang
+                stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(path="/x"), timeout=0.5)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        server.stop(0)
+
+
+def test_idle_learner_saves_on_request_then_stops(tmp_path, redis_url, run_id):
+    """No data: a checkpoint request and a stop still get through the wait for records."""
+    cfg = config(tmp_path, build_tiny(tmp_path / "sft"), redis_url, run_id)
+    control = Control()
+    fut = control.request_save(str(tmp_path / "manual"))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(status=train(cfg, control=control)))
+    t.start()
+    path, step = fut.result(timeout=120)
+    assert path == str(tmp_path / "manual") and step == 0
+    assert json.loads((tmp_path / "manual" / "state.json").read_text())["policy_version"] == 0
+    control.stop.set()
+    t.join(60)
+    assert not t.is_alive() and result["status"].policy_version == 0
+    assert os.path.exists(tmp_path / "ckpt" / "step-00000000" / "state.json")  # the final checkpoint
+
+
+def test_ppo_ptx_trains_the_pretraining_term(tmp_path, redis_url, run_id):
+    data = tmp_path / "pretrain.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog"}) for _ in range(8)))
+    cfg = config(tmp_path, build_tiny(tmp_path / "sft"), redis_url, run_id, batch_size=4, minibatch_size=4,
+                 micro_batch_size=2, epochs=4, max_steps=3, actor_lr=3e-3, ptx_coef=1.0, ptx_data=str(data),
+                 ptx_batch_size=2)
+    with ExperienceBuffer.open(cfg.buffer) as buf:
+        buf.put(random_records(12, vocab=300, seed=5))
+    train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ptx = [x["ptx_loss"] for x in lines]
+    assert all(p is not None for p in ptx) and ptx[-1] < ptx[0] - 0.5, ptx
+    state = json.loads((tmp_path / "ckpt" / "step-00000003" / "state.json").read_text())
+    assert state["ptx"]["position"] == 3 * 4 * 2  # iterations x epochs x micro-batches
+
+
+def test_every_learner_metric_of_the_catalogue_is_exported():
+    """docs/metrics.md is the contract: each name of its Learner table is served."""
+    import pathlib
+    import re
+
+    from prometheus_client import REGISTRY, generate_latest
+
+    import instructrl.learner.metrics  # noqa: F401 - declares the metrics
+
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    table = doc.split("## Learner", 1)[1].split("\n## ", 1)[0]
+    names = re.findall(r"^\| `(instructrl_learner_\w+)`", table, flags=re.M)
+    assert len(names) >= 20
+    text = generate_latest(REGISTRY).decode()
+    missing = [n for n in names if not re.search(rf"^# TYPE {n} ", text, flags=re.M)
+               and not re.search(rf"^# TYPE {n.removesuffix('_total')} counter", text, flags=re.M)]
+    assert not missing, missing
