@@ -108,6 +108,8 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
     def save(path: str = "") -> str:
         """Checkpoint (a collective); after a regular one, rank 0 acks the records it includes."""
         nonlocal saved_version
+        if not path and saved_version == counters["policy_version"]:  # nothing trained since: keep it
+            return checkpoint.step_dir(cfg.checkpoint.dir, saved_version)
         state = {**counters, "kl_controller": kl_ctl.state_dict(), "ptx": ptx.state_dict() if ptx else None,
                  "consumer": cfg.consumer, "uncommitted": reader.uncommitted() if reader else [],
                  "world_size": world}
@@ -142,7 +144,7 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
         batch, flags, save_path = broadcast_batch(batch, flags, save_request[0] if save_request else "", dev)
         if batch is None:  # woken by a stop or checkpoint request (or max_steps) with nothing to train
             out = ""
-            if flags["save"] or (flags["stop"] and saved_version != counters["policy_version"]):
+            if flags["save"] or flags["stop"]:
                 out = save(save_path if flags["save"] else "")
             if save_request:
                 save_request[1].set_result((out, counters["optimizer_steps"]))

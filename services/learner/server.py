@@ -69,6 +69,7 @@ class ServerThread:
         self.cfg, self.control = cfg, control
         self.loop = asyncio.new_event_loop()
         self.grpc: GrpcServer | None = None
+        self._watch: asyncio.Future | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="learner-grpc", daemon=True)
 
     @property
@@ -94,6 +95,8 @@ class ServerThread:
         self._watch = asyncio.ensure_future(watch())
 
     def stop(self, grace: float | None = None) -> None:
+        if self._watch is not None:
+            self.loop.call_soon_threadsafe(self._watch.cancel)
         if self.grpc is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self.grpc.stop(grace), self.loop).result(timeout=30)

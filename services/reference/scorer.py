@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from instructrl.config import ConfigError
 from instructrl.reference.config import ReferenceConfig
 from instructrl.serving.errors import InvalidArgument
 
@@ -38,7 +39,10 @@ class ReferenceScorer:
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(cfg.device)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        except OSError as e:
+            raise ConfigError(f"model: cannot load {cfg.model!r}: {e}") from None
         self.model = model.to(self.device).eval()
         text_cfg = model.config.get_text_config()
         self.vocab_size = int(text_cfg.vocab_size)
@@ -73,20 +77,22 @@ class ReferenceScorer:
     @torch.inference_mode()
     def forward(self, batch: list[LogProbsInput]) -> list[list[float]]:
         """Per item, the T_i = len - response_start float32 log-probs of its response tokens."""
-        lengths = torch.tensor([len(x.token_ids) for x in batch], device=self.device)  # (B,)
+        lengths = torch.tensor([len(x.token_ids) for x in batch])                      # (B,)
         L = int(lengths.max())
-        input_ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long, device=self.device)  # (B, L)
-        for i, x in enumerate(batch):
+        input_ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long)         # (B, L)
+        for i, x in enumerate(batch):                                                  # right padding
             input_ids[i, :len(x.token_ids)] = torch.tensor(x.token_ids, dtype=torch.long)
-        mask = torch.arange(L, device=self.device)[None, :] < lengths[:, None]  # (B, L) right padding
+        mask = torch.arange(L)[None, :] < lengths[:, None]                             # (B, L)
+        input_ids = input_ids.to(self.device)
         first = min(x.response_start for x in batch) - 1  # earliest position whose logits are needed
         kw = {"logits_to_keep": L - first} if self._logits_to_keep else {}
-        logits = self.model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False, **kw).logits
-        offset = L - logits.shape[1]  # logits[:, j] are the logits of position offset + j; (B, K, V)
+        logits = self.model(input_ids=input_ids, attention_mask=mask.long().to(self.device),
+                            use_cache=False, **kw).logits                              # (B, K, V)
+        offset = L - logits.shape[1]  # logits[:, j] are those of position offset + j
         out = []
         for i, x in enumerate(batch):
             s, n = x.response_start, len(x.token_ids)
-            rows = logits[i, s - 1 - offset:n - 1 - offset].float()             # (T_i, V) predict s..n-1
+            rows = logits[i, s - 1 - offset:n - 1 - offset].float()                   # (T_i, V) predict s..n-1
             lp = torch.log_softmax(rows, dim=-1).gather(-1, input_ids[i, s:n, None]).squeeze(-1)  # (T_i,)
             out.append(lp.cpu().tolist())
         return out

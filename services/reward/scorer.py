@@ -83,7 +83,10 @@ class ModelReward:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.device = torch.device(cfg.device)
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.model, dtype=torch.float32)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(cfg.model, dtype=torch.float32)
+        except OSError as e:
+            raise ConfigError(f"model: cannot load {cfg.model!r}: {e}") from None
         if model.config.num_labels != 1:
             raise ConfigError(f"model: {cfg.model} has {model.config.num_labels} labels; a reward model has 1")
         if not isinstance(getattr(model, "score", None), torch.nn.Module):
@@ -121,16 +124,16 @@ class ModelReward:
 
     @torch.inference_mode()
     def forward(self, batch: list[list[int]]) -> list[float]:
-        lengths = torch.tensor([len(ids) for ids in batch], device=self.device)   # (B,)
-        input_ids = torch.full((len(batch), int(lengths.max())), self.pad_id, dtype=torch.long,
-                               device=self.device)                                  # (B, L) right-padded
-        for i, ids in enumerate(batch):
+        lengths = torch.tensor([len(ids) for ids in batch])                            # (B,)
+        input_ids = torch.full((len(batch), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, L)
+        for i, ids in enumerate(batch):                                                # right padding
             input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask = torch.arange(input_ids.shape[1], device=self.device)[None, :] < lengths[:, None]  # (B, L)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask.long(),
-                                       use_cache=False).last_hidden_state           # (B, L, H)
-        last = hidden[torch.arange(len(batch), device=self.device), lengths - 1]   # (B, H) last real token
-        return self.model.score(last).squeeze(-1).float().cpu().tolist()           # (B,)
+        mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]           # (B, L)
+        hidden = self.model.base_model(input_ids=input_ids.to(self.device),
+                                       attention_mask=mask.long().to(self.device),
+                                       use_cache=False).last_hidden_state               # (B, L, H)
+        last = hidden[torch.arange(len(batch)), lengths - 1]                           # (B, H) last real token
+        return self.model.score(last).squeeze(-1).float().cpu().tolist()               # (B,)
 
 
 def import_rule(spec: str) -> RuleFn:

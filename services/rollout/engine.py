@@ -74,6 +74,13 @@ class RolloutEngine:
                   disable_log_stats=True, enable_log_requests=False)
         if e.max_num_seqs:
             kw["max_num_seqs"] = e.max_num_seqs
+        chunked = e.chunked_prefill
+        if chunked is None:
+            from vllm.platforms import current_platform
+
+            chunked = False if current_platform.is_cpu() else None
+        if chunked is not None:
+            kw["enable_chunked_prefill"] = chunked
         if e.kv_cache_gb:
             kw["kv_cache_memory_bytes"] = int(e.kv_cache_gb * (1 << 30))
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
@@ -146,9 +153,17 @@ class RolloutEngine:
                               output_kind=RequestOutputKind.FINAL_ONLY)
 
     async def _sample(self, rid: str, ids: list[int], s: Sampling, index: int) -> Sample:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         final = None
-        async for out in self.llm.generate({"prompt_token_ids": ids}, self._params(s, index), rid):
-            final = out
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": ids}, self._params(s, index), rid):
+                final = out
+        except EngineDeadError as e:
+            raise Unavailable("vLLM engine died; the replica is restarting") from e
+        except VLLMClientError as e:
+            raise InvalidArgument(str(e)) from e
         c = final.outputs[0]
         toks = list(c.token_ids)
         lps = [float(d[t].logprob) for t, d in zip(toks, c.logprobs or [])]
@@ -304,6 +319,11 @@ class RolloutEngine:
         return {"replica_id": self.replica, "policy_version": self.policy_version, "model": self.cfg.engine.model,
                 "requests_in_flight": self.vllm_unfinished(), "accepting": self._accepting.is_set() and not self._broken,
                 "group_id": self.group_id}
+
+    @property
+    def dead(self) -> bool:
+        """vLLM's engine core has died (the process should exit and be restarted)."""
+        return self.llm is not None and self.llm.errored
 
     def vllm_unfinished(self) -> int:
         """Requests vLLM still holds (0 after every caller has returned or cancelled)."""

@@ -88,8 +88,18 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return rollout_pb2.RolloutStatus(**self.engine.status())
 
 
-async def serve(cfg: RolloutConfig, ready: asyncio.Event | None = None) -> None:
-    """Start the engine, then the server; run until SIGTERM/SIGINT; drain, stop, shut vLLM down."""
+async def _exit_when_engine_dies(engine: RolloutEngine, server: GrpcServer) -> None:
+    while not engine.dead:
+        await asyncio.sleep(1.0)
+    log.error("vLLM engine died; stopping the server so the replica is restarted")
+    await server.stop(0)
+
+
+async def serve(cfg: RolloutConfig, ready: asyncio.Event | None = None) -> int:
+    """Start the engine, then the server; run until SIGTERM/SIGINT; drain, stop, shut vLLM down.
+
+    Returns the exit code: 0 after a signal, 1 when vLLM's engine died.
+    """
     engine = await RolloutEngine(cfg).start()
     server = GrpcServer("rollout", cfg.server, [
         (rollout_pb2_grpc.add_RolloutServiceServicer_to_server, RolloutServicer(engine), SERVICE)])
@@ -99,7 +109,10 @@ async def serve(cfg: RolloutConfig, ready: asyncio.Event | None = None) -> None:
               f"metrics :{server.metrics_port}", flush=True)
         if ready is not None:
             ready.set()
+        watch = asyncio.ensure_future(_exit_when_engine_dies(engine, server))
         await server.wait()
+        watch.cancel()
+        return 1 if engine.dead else 0
     finally:
         await server.stop()
         engine.shutdown()
@@ -119,5 +132,4 @@ def main(argv: list[str]) -> int:
         print(f"instructrl serve rollout: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(cfg))
-    return 0
+    return asyncio.run(serve(cfg))

@@ -56,7 +56,8 @@ BATCH_WAIT = Histogram(
 
 @dataclasses.dataclass
 class BatchingConfig:
-    enabled: bool = field(True, help="merge concurrent requests into one forward pass (false = one request per forward)")
+    enabled: bool = field(True, help="merge concurrent requests into one forward pass "
+                                     "(false = one request per forward)")
     max_batch_tokens: int = field(16384, help="max padded tokens (longest item x items) in one forward pass")
     max_batch_size: int = field(64, help="max items in one forward pass")
     max_wait_ms: float = field(5.0, help="how long the oldest queued item may wait for a fuller batch")

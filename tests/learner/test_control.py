@@ -104,3 +104,30 @@ def test_every_learner_metric_of_the_catalogue_is_exported():
     missing = [n for n in names if not re.search(rf"^# TYPE {n} ", text, flags=re.M)
                and not re.search(rf"^# TYPE {n.removesuffix('_total')} counter", text, flags=re.M)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_resume_under_zero_continues_the_same_curve(tmp_path, redis_url, run_id, zero_stage):
+    """ZeRO-2/3 checkpoints (optimizer shards included): 1 step + resume + 1 step = 2 steps straight."""
+    model_dir = build_tiny(tmp_path / "sft")
+    records = random_records(8, vocab=300, seed=6)
+
+    def cfg_for(name: str, max_steps: int):
+        (tmp_path / name).mkdir(exist_ok=True)
+        cfg = config(tmp_path / name, model_dir, redis_url, f"{run_id}-{name}", batch_size=4, minibatch_size=2,
+                     micro_batch_size=2, max_steps=max_steps, actor_lr=1e-2, critic_lr=1e-2)
+        cfg.deepspeed.zero_stage = zero_stage
+        return cfg
+
+    for name in ("straight", "resumed"):
+        with ExperienceBuffer.open(cfg_for(name, 0).buffer) as buf:
+            buf.put(records)
+    train(cfg_for("straight", 2))
+    assert train(cfg_for("resumed", 1)).policy_version == 1
+    status = train(cfg_for("resumed", 2))
+    assert (status.policy_version, status.samples_trained, status.step) == (2, 8, 4)
+    assert sorted(os.listdir(tmp_path / "resumed" / "ckpt")) == ["step-00000001", "step-00000002"]
+    straight, resumed = (json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[-1])
+                         for n in ("straight", "resumed"))
+    for key in ("policy_loss", "value_loss", "approx_kl", "reward_mean", "entropy"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key

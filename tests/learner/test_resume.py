@@ -1,7 +1,8 @@
 """A learner killed with SIGKILL and restarted trains every record exactly once (real processes).
 
-Run 1 is killed right after iteration 4 is logged: the checkpoint at version 3 is on disk
-(and its records acked), iteration 4 is trained but neither checkpointed nor acked. Run 2
+Run 1 gets records for 4 iterations and is killed while it waits for more: the checkpoint
+at version 3 is on disk (and its records acked), iteration 4 is trained but neither
+checkpointed nor acked. Run 2
 restores version 3; the records of the lost iteration are reclaimed from Redis
 (XAUTOCLAIM) and trained once by the restored model. The lineage of the final model
 (run 1 up to the restored version, then run 2) must hold every sample_id exactly once.
@@ -40,8 +41,8 @@ def test_sigkill_resume_trains_each_record_once(tmp_path, redis_url, run_id):
     cfg.checkpoint.every = 3
     cfg.logging.log_sample_ids = True
     records = random_records(STEPS * BATCH, vocab=300, seed=1)
-    with ExperienceBuffer.open(cfg.buffer) as buf:
-        buf.put(records)
+    with ExperienceBuffer.open(cfg.buffer) as buf:  # 4 batches: run 1 trains v4, then waits for data
+        buf.put(records[:4 * BATCH])
     cfg_file = write_config(cfg, tmp_path / "learner.yaml")
     log1, log2 = tmp_path / "run1.jsonl", tmp_path / "run2.jsonl"
 
@@ -52,6 +53,8 @@ def test_sigkill_resume_trains_each_record_once(tmp_path, redis_url, run_id):
         os.killpg(run1.pid, signal.SIGKILL)
         run1.wait(10)
     lines1 = read_jsonl(log1)
+    with ExperienceBuffer.open(cfg.buffer) as buf:
+        buf.put(records[4 * BATCH:])
 
     run2 = start_learner(cfg_file, tmp_path / "run2.log", f"logging.jsonl={log2}")
     try:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from instructrl.reference.client import ReferenceClient
@@ -73,6 +74,10 @@ def test_errors_keep_the_service_up_and_token_auth(sft_model_dir, reference_scor
                 h = await health_pb2_grpc.HealthStub(anon.channel).Check(
                     health_pb2.HealthCheckRequest(service=SERVICE_NAME))
                 assert h.status == health_pb2.HealthCheckResponse.SERVING
+                refl = reflection_pb2_grpc.ServerReflectionStub(anon.channel)  # open without a token too
+                resp = [r async for r in refl.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+                assert SERVICE_NAME in {s.name for s in resp[0].list_services_response.service}
             async with ReferenceClient(ClientConfig(address=addr, token="tok")) as client:
                 for name, req in bad.items():
                     with pytest.raises(grpc.aio.AioRpcError) as e:

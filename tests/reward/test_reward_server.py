@@ -202,3 +202,41 @@ def test_cli_subprocess_serves_health_and_scores(reward_model_dir, tmp_path):
             proc.wait()
         log.close()
     assert "signal received" in (tmp_path / "server.log").read_text()
+
+
+def _make_certs(d) -> None:
+    """A CA, and a server and a client certificate it signed (both valid for 127.0.0.1 and localhost)."""
+    def run(*a):
+        subprocess.run(a, check=True, capture_output=True, cwd=d)
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca")
+    for who in ("server", "client"):
+        run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+        run("openssl", "x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{who}.crt", "-days", "2", "-copy_extensions", "copy")
+
+
+def test_mtls_with_token(reward_model_dir, reward_scorer, tmp_path):
+    from instructrl.serving.server import TLSConfig
+
+    _make_certs(tmp_path)
+    tls = TLSConfig(str(tmp_path / "server.crt"), str(tmp_path / "server.key"), str(tmp_path / "ca.crt"), True)
+    ca, cert, key = (str(tmp_path / f) for f in ("ca.crt", "client.crt", "client.key"))
+
+    async def main():
+        cfg = _cfg(reward_model_dir, server=ServerConfig(port=0, metrics_port=-1, tls=tls, token="t0k"))
+        async with running(cfg, reward_scorer) as srv:
+            addr = f"localhost:{srv.port}"
+            async with RewardClient(ClientConfig(address=addr, ca_file=ca, cert_file=cert, key_file=key,
+                                                 token="t0k")) as good:
+                assert len((await good.score([("a", "b")]))[1]) == 1
+            async with RewardClient(ClientConfig(address=addr, ca_file=ca, cert_file=cert, key_file=key)) as no_tok:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await no_tok.score([("a", "b")])
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            async with RewardClient(ClientConfig(address=addr, ca_file=ca, token="t0k", timeout_s=5)) as no_cert:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await no_cert.score([("a", "b")])
+    asyncio.run(main())
