@@ -89,7 +89,8 @@ async def bench(args, server: Server) -> dict:
     batch = prompts(args)
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(args.model), dtype="float32", max_model_len=args.max_model_len, enforce_eager=True,
-        kv_cache_memory_bytes=1 << 30, seed=0, logprobs_mode="processed_logprobs", disable_log_stats=True))
+        kv_cache_memory_bytes=1 << 30, seed=0, logprobs_mode="processed_logprobs", disable_log_stats=True,
+        enable_chunked_prefill=False))  # as the service does on CPU (see EngineConfig.chunked_prefill)
     client = RolloutClient(ClientConfig(address=server.address, timeout_s=600))
     await client.wait_ready(120)
     rounds = {"service": [], "inprocess": []}
