@@ -17,7 +17,7 @@ one warm-up round of each runs first. A round's time is the slower side's wall t
 (start aligned by a barrier); the median of the rounds is reported. The last line
 printed is JSON.
 
-  python bench/weight_sync.py [--bucket-mb 256] [--rounds 3] [--dtype float32]
+  python bench/weight_sync.py [--bucket-mb 64] [--rounds 3] [--dtype float32]
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def run(rank: int, port: int, args) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bucket-mb", type=int, default=256)
+    ap.add_argument("--bucket-mb", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -165,17 +165,29 @@ def load(cls: type[T], path: str | os.PathLike | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
-def help_lines(cls: type, prefix: str = "") -> list[str]:
-    """`name (type, default): help` lines for every leaf field, dotted."""
+def help_lines(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """`name (type, default): help` lines for every leaf field, dotted.
+
+    `defaults` is the instance whose values are shown (a nested field's own default, which
+    may differ from its class's defaults); None = the class's defaults.
+    """
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            out.extend(help_lines(tp, prefix=name + "."))
+            if defaults is not None:
+                sub = getattr(defaults, f.name)
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                sub = f.default_factory()  # type: ignore[misc]
+            else:
+                sub = None
+            out.extend(help_lines(tp, prefix=name + ".", defaults=sub))
             continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = repr(getattr(defaults, f.name))
+        elif f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = repr(f.default_factory())  # type: ignore[misc]

@@ -129,7 +129,7 @@ def launch_config(cfg: DemoConfig, work: pathlib.Path, sft: pathlib.Path, rm: pa
         "rollout": {"engine": {"model": str(sft), "dtype": "float32", "max_model_len": 128,
                                "enforce_eager": True, "kv_cache_gb": 1, "seed": cfg.seed}},
         "worker": {"sampling": {"n": 4, "temperature": 1.0, "max_tokens": cfg.max_new_tokens},
-                   "prompts_per_call": 16},
+                   "claim_batch": 16},
         "learner": {
             "model": {"actor_path": str(sft), "critic_path": str(rm)},
             "ppo": {"batch_size": batch, "minibatch_size": 32, "micro_batch_size": 16, "epochs": 2,

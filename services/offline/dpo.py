@@ -57,8 +57,8 @@ class DPOConfig:
     output_dir: str = field("", help="output directory for the DPO policy (replaced atomically on success)")
     data: DPODataConfig = field(default_factory=DPODataConfig, help="training data")
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig, help="loss")
-    train: E.TrainConfig = field(default_factory=lambda: E.TrainConfig(micro_batch_size=8), help="loop")
-    optim: E.OptimConfig = field(default_factory=lambda: E.OptimConfig(lr=5e-6), help="optimizer")
+    train: E.TrainConfig = field(default_factory=E.TrainConfig, help="loop")
+    optim: E.OptimConfig = field(default_factory=E.OptimConfig, help="optimizer")
     deepspeed: E.DeepSpeedConfig = field(default_factory=E.DeepSpeedConfig, help="DeepSpeed")
 
     def validate(self) -> None:
@@ -135,7 +135,8 @@ def train(cfg: DPOConfig) -> dict:
     with E.staged_output(cfg.output_dir, rank) as stage, \
             E.MetricsLog(stage / "metrics.jsonl" if stage else None) as log:
         log.write({"event": "start", "stage": "dpo", "train_pairs": len(train_set), "eval_pairs": len(eval_set),
-                   "total_steps": total_steps, "world_size": world})
+                   "total_steps": total_steps, "world_size": world,
+                   "truncated": sum(c.truncated or r.truncated for c, r in train_set)})
         bar = E.progress_bar(total_steps, "dpo", cfg.train.progress and rank == 0)
         t0 = time.monotonic()
         step, micro, losses, accs, margins, last_eval = 0, 0, [], [], [], {}

@@ -14,8 +14,9 @@ its ranked responses; the K scores form a row of a ``(B, K)`` matrix and
     loss = -1/C(K,2) sum_{i ranked above j} log sigmoid(r(x, y_i) - r(x, y_j))
 
 is computed by ``instructrl.rl.kwise_ranking_loss``. Keeping a prompt's C(K,2)
-comparisons in one element costs K forward passes instead of 2 C(K,2) and avoids
-the overfitting InstructGPT saw when the pairs were shuffled as separate examples.
+comparisons in one element needs one forward pass per response rather than one
+per comparison, and avoids the overfitting InstructGPT saw when the pairs were
+shuffled as separate examples.
 A ``{"chosen", "rejected"}`` line is a ranking with K = 2.
 
 After training, ``instructrl.json`` holds ``reward_mean`` and ``reward_std`` of the
@@ -56,8 +57,8 @@ class RMConfig:
     model: str = field("", help="SFT model directory to initialise the reward model from")
     output_dir: str = field("", help="output directory for the reward model (replaced atomically on success)")
     data: RMDataConfig = field(default_factory=RMDataConfig, help="training data")
-    train: E.TrainConfig = field(default_factory=lambda: E.TrainConfig(micro_batch_size=8), help="loop")
-    optim: E.OptimConfig = field(default_factory=lambda: E.OptimConfig(lr=1e-4), help="optimizer")
+    train: E.TrainConfig = field(default_factory=E.TrainConfig, help="loop")
+    optim: E.OptimConfig = field(default_factory=E.OptimConfig, help="optimizer")
     deepspeed: E.DeepSpeedConfig = field(default_factory=E.DeepSpeedConfig, help="DeepSpeed")
 
     def validate(self) -> None:
@@ -155,7 +156,8 @@ def train(cfg: RMConfig) -> dict:
             E.MetricsLog(stage / "metrics.jsonl" if stage else None) as log:
         log.write({"event": "start", "stage": "rm", "train_prompts": len(train_set),
                    "train_pairs": sum(math.comb(len(g), 2) for g in train_set), "eval_prompts": len(eval_set),
-                   "total_steps": total_steps, "world_size": world})
+                   "total_steps": total_steps, "world_size": world,
+                   "truncated": sum(e.truncated for g in train_set for e in g)})
         bar = E.progress_bar(total_steps, "rm", cfg.train.progress and rank == 0)
         t0 = time.monotonic()
         step, micro, losses, accs, last_eval = 0, 0, [], [], {}

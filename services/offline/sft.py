@@ -40,7 +40,7 @@ class SFTConfig:
     output_dir: str = field("", help="output directory for the SFT model (replaced atomically on success)")
     data: SFTDataConfig = field(default_factory=SFTDataConfig, help="training data")
     train: E.TrainConfig = field(default_factory=E.TrainConfig, help="loop")
-    optim: E.OptimConfig = field(default_factory=lambda: E.OptimConfig(lr=3e-4), help="optimizer")
+    optim: E.OptimConfig = field(default_factory=E.OptimConfig, help="optimizer")
     deepspeed: E.DeepSpeedConfig = field(default_factory=E.DeepSpeedConfig, help="DeepSpeed")
 
     def validate(self) -> None:

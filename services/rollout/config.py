@@ -49,8 +49,12 @@ class LimitsConfig:
 @dataclasses.dataclass
 class WeightsConfig:
     staging: str = field(
-        "full", help="full: receive the whole update before loading (a stalled broadcast keeps the old "
-                     "weights; one extra weight copy in memory); stream: load bucket by bucket")
+        "full", help="full: receive the whole update (into host memory) before loading, so a stalled "
+                     "broadcast keeps the old weights; stream: load bucket by bucket (no extra copy, but a "
+                     "failed update leaves the replica refusing Generate until the next one succeeds)")
+    reuse_buffers: bool = field(
+        True, help="CPU: keep the receive buffers between updates (saves faulting in a model's worth of "
+                   "memory per update; holds it meanwhile)")
     drain_timeout_s: float = field(
         30.0, help="how long an update waits for in-flight requests before aborting them (when the "
                    "update does not ask to abort at once)")

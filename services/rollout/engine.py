@@ -291,13 +291,13 @@ class RolloutEngine:
                     raise DeadlineExceeded("no time left for the transfer after draining")
                 staging = self.cfg.weights.staging
                 try:
-                    res = (await asyncio.wait_for(self.llm.collective_rpc(
-                        "receive_and_reload", args=(manifest.SerializeToString(), group_id, left, staging)),
+                    res = (await asyncio.wait_for(self.llm.collective_rpc("receive_and_reload", args=(
+                        manifest.SerializeToString(), group_id, left, staging, self.cfg.weights.reuse_buffers)),
                         left + 5.0))[0]
                 except Exception as e:  # noqa: BLE001 - remote errors arrive as plain exceptions
                     if staging == "stream":
                         self._broken = f"v{policy_version} failed"
-                    raise _update_error(e) from e
+                    raise _update_error(e, staging) from e
                 await self.llm.reset_prefix_cache()
                 self.policy_version, self._broken = policy_version, None
             except BaseException:
@@ -330,10 +330,11 @@ class RolloutEngine:
         return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
 
 
-def _update_error(e: BaseException) -> Exception:
+def _update_error(e: BaseException, staging: str) -> Exception:
     text = f"{type(e).__name__}: {e}"
+    kept = "old weights kept" if staging == "full" else "weights incomplete until the next update"
     if isinstance(e, asyncio.TimeoutError) or "timed out" in text or "TimeoutError" in text:
-        return DeadlineExceeded(f"weight update timed out; old weights kept ({text.splitlines()[0][:300]})")
+        return DeadlineExceeded(f"weight update timed out; {kept} ({text.splitlines()[0][:300]})")
     if "rebuild it" in text or "no weight group" in text:
         return FailedPrecondition(f"weight group unusable; rejoin ({text.splitlines()[0][:300]})")
-    return Unavailable(f"weight update failed ({text.splitlines()[0][:300]})")
+    return Unavailable(f"weight update failed; {kept} ({text.splitlines()[0][:300]})")

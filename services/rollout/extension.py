@@ -70,15 +70,17 @@ class WeightSyncExtension:
         self._irl_join = None
 
     def receive_and_reload(self, manifest_bytes: bytes, group_id: str, timeout_s: float,
-                           staging: str = "full") -> dict:
+                           staging: str = "full", reuse_buffers: bool = True) -> dict:
         """Receive one update over the group and load it into the model.
 
-        `staging="full"` receives every bucket before touching the model, so a
-        stalled broadcast (`TimeoutError`) leaves the old weights intact; it costs one
-        extra copy of the weights in memory. `"stream"` loads each bucket as it
-        arrives (overlapping transfer and load, no extra copy) but a failure
-        mid-update leaves the model partly loaded: the engine then refuses to serve
-        until an update succeeds.
+        `staging="full"` receives every bucket before touching the model, so a stalled
+        broadcast (`TimeoutError`) leaves the old weights intact. The staged copy is
+        held in host memory: on CPU the received buckets themselves (kept between
+        updates when `reuse_buffers`), on GPU each bucket is copied to the host as it
+        arrives, so the GPU needs room for two buckets only, never a second model.
+        `"stream"` loads each bucket as it arrives (no staged copy, transfer and load
+        overlap) but a failure mid-update leaves the model partly loaded: the engine
+        then refuses to serve until an update succeeds.
         Returns `{"bytes": int, "receive_s": float, "load_s": float}`.
         """
         receiver = getattr(self, "_irl_receiver", None)
@@ -89,10 +91,12 @@ class WeightSyncExtension:
         if staging not in STAGING:
             raise ValueError(f"staging must be one of {STAGING}")
         manifest = rollout_pb2.WeightManifest.FromString(manifest_bytes)
+        on_host = receiver.device.type == "cpu"
         t0 = time.perf_counter()
-        stream = receiver.receive(manifest, timeout_s=timeout_s)
+        stream = receiver.receive(manifest, timeout_s=timeout_s,
+                                  reuse_buffers=reuse_buffers and on_host and staging == "full")
         if staging == "full":
-            stream = list(stream)
+            stream = [(n, t if on_host else t.to("cpu")) for n, t in stream]
         t1 = time.perf_counter()
         with torch.no_grad():
             self.model_runner.reload_weights(weights_iterator=iter(stream), is_checkpoint_format=True)

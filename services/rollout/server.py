@@ -124,8 +124,12 @@ def main(argv: list[str]) -> int:
         epilog="config fields (set as key=value):\n  " + "\n  ".join(help_lines(RolloutConfig)),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file with RolloutConfig fields")
+    ap.add_argument("--help-config", action="store_true", help="list every config field and exit")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. engine.model=/models/sft server.port=50061")
     args = ap.parse_args(argv)
+    if args.help_config:
+        print("\n".join(help_lines(RolloutConfig)))
+        return 0
     try:
         cfg = load(RolloutConfig, args.config, args.overrides)
     except (ConfigError, ValueError) as e:

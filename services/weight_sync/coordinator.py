@@ -31,7 +31,7 @@ import torch
 from instructrl.serving.client import ClientConfig, sync_channel
 from instructrl.v1 import rollout_pb2, rollout_pb2_grpc
 from instructrl.weight_sync import group as g
-from instructrl.weight_sync.manifest import param_meta, plan_buckets, total_bytes
+from instructrl.weight_sync.manifest import param_meta, plan_buckets
 from instructrl.weight_sync.transport import WeightSender
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,9 @@ MAX_IN_FLIGHT = 16
 
 @pytest.fixture(scope="module")
 def server(rollout_server_factory, tiny_model_dir):
-    return rollout_server_factory(tiny_model_dir, f"limits.max_in_flight={MAX_IN_FLIGHT}", "limits.max_n=8")
+    # staging=stream here (test_weight_update.py covers the default, full): see the last test
+    return rollout_server_factory(tiny_model_dir, f"limits.max_in_flight={MAX_IN_FLIGHT}", "limits.max_n=8",
+                                  "weights.staging=stream")
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +211,40 @@ def test_health_reflection_status_and_metrics(server):
                  "instructrl_rollout_generate_seconds_bucket", "instructrl_rollout_policy_version",
                  'instructrl_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="Generate",service="rollout"}'):
         assert name in text, name
+
+
+def test_streamed_weight_update_loads_the_new_weights(server, hf, tiny_model_dir):
+    """Last in this module: it changes the weights. weights.staging=stream loads bucket by bucket."""
+    from instructrl.weight_sync import WeightSyncCoordinator
+
+    model, _ = hf
+    new = {n: p.detach() * 1.5 + 0.01 for n, p in model.named_parameters()}
+    coord = WeightSyncCoordinator("127.0.0.1", 0, "gloo", timeout_s=60, bucket_mb=1)
+    try:
+        coord.set_replicas([server.address])
+        res = coord.sync(lambda: iter(new.items()), 7)
+    finally:
+        coord.close()
+    assert res.replicas_ok == [server.address], res
+
+    async def fn(c):
+        return await c.generate([[1, 30, 31]], sampling_params(temperature=0, max_tokens=6))
+    r = run(server, fn)
+    assert r.policy_version == 7
+    with torch.no_grad():
+        model.load_state_dict(new, strict=False)
+        want = _teacher_forced_logprobs(model, [1, 30, 31], list(r.results[0].completions[0].token_ids), 1.0)
+    assert max(abs(a - b) for a, b in zip(r.results[0].completions[0].logprobs, want)) < 1e-3
+
+
+def test_sigterm_drains_the_running_call_then_exits_cleanly(server):
+    """Last: stops the server. SIGTERM -> NOT_SERVING, the running call finishes, exit status 0."""
+    async def fn(c):
+        call = asyncio.ensure_future(c.generate([[1, 2, 3]], sampling_params(n=4, temperature=1.0, max_tokens=60)))
+        while (await c.status()).requests_in_flight == 0:
+            await asyncio.sleep(0.01)
+        server.proc.send_signal(__import__("signal").SIGTERM)
+        return await call
+    r = run(server, fn)
+    assert len(r.results[0].completions) == 4
+    assert server.proc.wait(60) == 0

@@ -17,7 +17,7 @@ import torch
 from instructrl.rollout.client import RolloutClient, sampling_params
 from instructrl.serving.client import ClientConfig, sync_channel
 from instructrl.v1 import rollout_pb2, rollout_pb2_grpc
-from instructrl.weight_sync import WeightSender, WeightSyncCoordinator, param_meta, plan_buckets
+from instructrl.weight_sync import WeightSyncCoordinator
 from instructrl.weight_sync import group as wg
 
 pytestmark = pytest.mark.slow
@@ -68,40 +68,9 @@ def _perturbed(model_dir, seed: int):
     return model
 
 
-def test_stalled_broadcast_times_out_and_keeps_old_weights(server, tiny_model_dir):
+def test_update_then_greedy_matches_transformers(server, tiny_model_dir):
     before, v0 = _greedy(server.address)
     assert v0 == 0
-    # A manifest shaped like the real model, in small buckets so the stall lands mid-update.
-    manifest = plan_buckets(param_meta(_perturbed(tiny_model_dir, 0).named_parameters()), 256 * 1024)
-    assert len(manifest.buckets) > 3
-    store = wg.host_store("127.0.0.1", 0, 30)
-    init = f"tcp://127.0.0.1:{store.port}"
-    with sync_channel(ClientConfig(address=server.address)) as ch:
-        stub = rollout_pb2_grpc.RolloutServiceStub(ch)
-        join = stub.JoinWeightGroup.future(rollout_pb2.JoinWeightGroupRequest(
-            init_method=init, rank=1, world_size=2, backend="gloo", timeout_s=30, group_id="stall-1"), timeout=40)
-        sender = WeightSender(init, 2, "gloo", 30, group_id="stall-1", store=store)
-        join.result()
-        assert _status(server.address).group_id == "stall-1"
-        t0 = time.monotonic()
-        upd = stub.UpdateWeights.future(rollout_pb2.UpdateWeightsRequest(
-            policy_version=99, manifest=manifest, group_id="stall-1", timeout_s=3.0), timeout=30)
-        first = torch.zeros(manifest.buckets[0].nbytes, dtype=torch.uint8)
-        wg.broadcast(sender.pg, first, 10).wait()  # one bucket, then the learner "hangs"
-        with pytest.raises(grpc.RpcError) as e:
-            upd.result()
-        waited = time.monotonic() - t0
-        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
-        assert 2.5 < waited < 15, waited
-        sender.close()
-    st = _status(server.address)
-    assert st.policy_version == 0 and st.accepting and st.group_id == ""
-    after, v = _greedy(server.address)  # still serving, with the old weights
-    assert v == 0 and after == before
-
-
-def test_update_then_greedy_matches_transformers(server, tiny_model_dir):
-    before, _ = _greedy(server.address)
     coord = WeightSyncCoordinator("127.0.0.1", 0, "gloo", timeout_s=60, bucket_mb=1)
     try:
         coord.set_replicas([server.address])
@@ -118,7 +87,48 @@ def test_update_then_greedy_matches_transformers(server, tiny_model_dir):
             before = got
     finally:
         coord.close()
+
+
+def test_stalled_broadcast_times_out_keeps_old_weights_then_rejoins(server, tiny_model_dir):
+    # An established group (the replica keeps its receive buffers between updates)...
+    coord = WeightSyncCoordinator("127.0.0.1", 0, "gloo", timeout_s=60, bucket_mb=1)
+    coord.set_replicas([server.address])
+    v0 = _status(server.address).policy_version + 1
+    model = _perturbed(tiny_model_dir, 4)
+    assert coord.sync(lambda: model.named_parameters(), v0).replicas_ok == [server.address]
+    before, _ = _greedy(server.address)
+    assert before == _hf_greedy(model, eos=model.config.eos_token_id)
+    # ...then the learner sends the next update's control RPC, one bucket of zeros (it lands in
+    # the buffer that held the live update's first bucket: the weights must not alias it), and hangs.
+    manifest, group_id = coord._manifest, coord._group_id
+    assert len(manifest.buckets) >= 2
+    with sync_channel(ClientConfig(address=server.address)) as ch:
+        upd = rollout_pb2_grpc.RolloutServiceStub(ch).UpdateWeights.future(rollout_pb2.UpdateWeightsRequest(
+            policy_version=99, manifest=manifest, group_id=group_id, timeout_s=3.0), timeout=30)
+        t0 = time.monotonic()
+        wg.broadcast(coord._sender.pg, torch.zeros(manifest.buckets[0].nbytes, dtype=torch.uint8), 10).wait()
+        with pytest.raises(grpc.RpcError) as e:
+            upd.result()
+        waited = time.monotonic() - t0
+    coord.close()  # the stalled learner goes away
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+    assert 2.5 < waited < 15, waited
+    st = _status(server.address)
+    assert st.policy_version == v0 and st.accepting and st.group_id == ""
+    after, v = _greedy(server.address)  # still serving, with the old weights intact
+    assert v == v0 and after == before
+    # A new group (the restarted learner's) and the next update goes through.
+    coord = WeightSyncCoordinator("127.0.0.1", 0, "gloo", timeout_s=60, bucket_mb=1)
+    try:
+        coord.set_replicas([server.address])
+        model = _perturbed(tiny_model_dir, 5)
+        res = coord.sync(lambda: model.named_parameters(), v0 + 1)
+        assert res.replicas_ok == [server.address], res
+        got, v = _greedy(server.address)
+        assert v == v0 + 1 and got == _hf_greedy(model, eos=model.config.eos_token_id)
+    finally:
+        coord.close()
     text = __import__("urllib.request").request.urlopen(
         f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-    assert 'instructrl_rollout_policy_version{replica="test-replica"} 2.0' in text
+    assert f'instructrl_rollout_policy_version{{replica="test-replica"}} {v0 + 1}.0' in text
     assert 'instructrl_rollout_weight_update_failures_total{replica="test-replica"} 1.0' in text

@@ -6,7 +6,6 @@ covered in tests/rollout/test_weight_update.py).
 """
 from __future__ import annotations
 
-import threading
 import time
 from concurrent import futures
 
