@@ -41,13 +41,17 @@ class EvalResult:
 
 @torch.no_grad()
 def generate(model_dir: str | pathlib.Path, prompts: Sequence[str], max_new_tokens: int = 16,
-             batch_size: int = 64) -> list[str]:
-    """Greedy responses of the causal LM in `model_dir` (decoded, special tokens dropped)."""
+             batch_size: int = 64, temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Responses of the causal LM in `model_dir` (decoded, special tokens dropped): greedy when
+    `temperature` is 0, else sampled at that temperature with a fixed seed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out: list[str] = []
+    torch.manual_seed(seed)
+    sample = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+        else {"do_sample": False}
     for i in range(0, len(prompts), batch_size):
         chunk = [tok(p, add_special_tokens=False).input_ids for p in prompts[i:i + batch_size]]
         width = max(map(len, chunk))
@@ -57,7 +61,7 @@ def generate(model_dir: str | pathlib.Path, prompts: Sequence[str], max_new_toke
             ids[r, width - len(seq):] = torch.tensor(seq)
             mask[r, width - len(seq):] = 1
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                             **sample, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         for row in gen[:, width:]:
             out.append(tok.decode(row.tolist(), skip_special_tokens=True))
     return out
@@ -90,9 +94,11 @@ def rm_scores(rm_dir: str | pathlib.Path, prompts: Sequence[str], responses: Seq
 
 
 def evaluate(name: str, model_dir: str | pathlib.Path, prompts: Sequence[str],
-             rm_dir: str | pathlib.Path | None = None, max_new_tokens: int = 16) -> EvalResult:
-    """Greedy responses of `model_dir` on `prompts`, judged by the gold labeler and the RM."""
-    responses = generate(model_dir, prompts, max_new_tokens)
+             rm_dir: str | pathlib.Path | None = None, max_new_tokens: int = 16,
+             temperature: float = 0.0, seed: int = 0) -> EvalResult:
+    """Responses of `model_dir` on `prompts` (greedy, or sampled at `temperature`), judged by
+    the gold labeler and the RM."""
+    responses = generate(model_dir, prompts, max_new_tokens, temperature=temperature, seed=seed)
     gold = [gold_score(p, r) for p, r in zip(prompts, responses)]
     proxy = rm_scores(rm_dir, prompts, responses) if rm_dir else []
     return EvalResult(name, responses, gold, proxy)

@@ -35,13 +35,13 @@ log = logging.getLogger("instructrl.demo")
 
 @dataclasses.dataclass
 class DemoSizes:
-    demonstrations: int = field(6000, help="SFT demonstrations")
-    rankings: int = field(3000, help="prompts ranked by labelers for the RM (K responses each)")
+    demonstrations: int = field(4000, help="SFT demonstrations")
+    rankings: int = field(8000, help="prompts ranked by labelers for the RM (K responses each)")
     rm_eval_rankings: int = field(300, help="held-out rankings for the RM's accuracy")
     ppo_prompts: int = field(3000, help="distinct prompts on the PPO prompt stream")
     eval_prompts: int = field(300, help="held-out prompts for the final evaluation")
-    ppo_steps: int = field(30, help="PPO iterations (policy versions)")
-    curve_every: int = field(5, help="evaluate a PPO checkpoint every this many iterations (overoptimization curve)")
+    ppo_steps: int = field(120, help="PPO iterations (policy versions)")
+    curve_every: int = field(20, help="evaluate a PPO checkpoint every this many iterations (overoptimization curve)")
 
 
 @dataclasses.dataclass
@@ -50,14 +50,20 @@ class DemoConfig:
     seed: int = field(0, help="seed of data, models and training")
     sizes: DemoSizes = field(default_factory=DemoSizes, help="how much of everything")
     task: T.TaskConfig = field(default_factory=T.TaskConfig, help="the synthetic task and its labelers")
-    model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=128, num_layers=2, num_heads=2),
+    model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=128, num_layers=4, num_heads=2),
                                    help="the policy's architecture")
     big_model: TinyModelConfig = field(
-        default_factory=lambda: TinyModelConfig(hidden_size=256, num_layers=2, num_heads=4),
+        default_factory=lambda: TinyModelConfig(hidden_size=256, num_layers=4, num_heads=4),
         help="the SFT-only baseline, ~4x the policy's parameters")
     big_baseline: bool = field(True, help="train and judge the 4x SFT-only baseline")
-    sft: dict[str, Any] = field(default_factory=dict, help="extra `instructrl sft` fields (e.g. train.epochs)")
-    rm: dict[str, Any] = field(default_factory=dict, help="extra `instructrl rm` fields")
+    sft: dict[str, Any] = field(
+        default_factory=lambda: {"train": {"max_steps": 1500, "micro_batch_size": 32},
+                                 "optim": {"lr": 1e-3, "warmup_steps": 50}},
+        help="`instructrl sft` fields (measured: the stage defaults underfit this task)")
+    rm: dict[str, Any] = field(
+        default_factory=lambda: {"train": {"epochs": 1, "micro_batch_size": 16},
+                                 "optim": {"lr": 3e-4, "warmup_steps": 20}},
+        help="`instructrl rm` fields")
     launch: dict[str, Any] = field(default_factory=dict, help="extra `instructrl launch` fields (learner.ppo.*, ...)")
     max_new_tokens: int = field(12, help="response length cap (tokens) for rollouts and evaluation")
 
@@ -65,10 +71,11 @@ class DemoConfig:
 QUICK = [  # a shortened run: CI's end-to-end test and `--quick`
     "sizes.demonstrations=1500", "sizes.rankings=600", "sizes.rm_eval_rankings=100", "sizes.ppo_prompts=400",
     "sizes.eval_prompts=100", "sizes.ppo_steps=4", "sizes.curve_every=2", "big_baseline=false",
+    "sft.train.max_steps=150", "model.num_layers=2",
 ]
 
 
-def _run(stage: str, argv: list[str], logdir: pathlib.Path, threads: int = 2) -> float:
+def _run(stage: str, argv: list[str], logdir: pathlib.Path, threads: int = 1) -> float:
     """Run one stage as its own process; raise naming the stage and its log on failure."""
     t0 = time.monotonic()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
@@ -123,7 +130,7 @@ def launch_config(cfg: DemoConfig, work: pathlib.Path, sft: pathlib.Path, rm: pa
         "workdir": str(work / "ppo"),
         "prompts": str(prompts),
         "epochs": max(1, -(-(s.ppo_steps + 2) * batch // max(s.ppo_prompts, 1))),
-        "reward": {"model": str(rm), "normalization": {"enabled": False},
+        "reward": {"model": str(rm), "normalization": {"enabled": True, "freeze_after": 2000},
                    "batching": {"max_wait_ms": 5}},
         "reference": {"model": str(sft), "batching": {"max_wait_ms": 5}},
         "rollout": {"engine": {"model": str(sft), "dtype": "float32", "max_model_len": 128,
@@ -133,9 +140,9 @@ def launch_config(cfg: DemoConfig, work: pathlib.Path, sft: pathlib.Path, rm: pa
         "learner": {
             "model": {"actor_path": str(sft), "critic_path": str(rm)},
             "ppo": {"batch_size": batch, "minibatch_size": 32, "micro_batch_size": 16, "epochs": 2,
-                    "actor_lr": 2e-5, "critic_lr": 5e-5, "kl_coef": 0.05, "lam": 0.95, "gamma": 1.0,
+                    "actor_lr": 5e-5, "critic_lr": 1e-4, "kl_coef": 0.05, "lam": 0.95, "gamma": 1.0,
                     "max_steps": s.ppo_steps, "seed": cfg.seed},
-            "buffer": {"max_policy_lag": 2, "capacity": 512},
+            "buffer": {"max_policy_lag": 2, "capacity": 2 * batch},
             "checkpoint": {"every": s.curve_every, "keep": 1000, "save_hf": True},
         },
     }
@@ -189,7 +196,8 @@ def run(cfg: DemoConfig) -> pathlib.Path:
                     .replace(f"output_dir={sft}", f"output_dir={big}") for a in sft_args]
         timings["sft_4x"] = _run("sft-4x", big_args, logs)
     rm_args = ["rm", f"model={sft}", f"output_dir={rm}", f"data.train_file={files['rm']}",
-               f"data.eval_file={files['rm_eval']}", f"train.seed={cfg.seed}", "train.progress=false"]
+               f"data.eval_file={files['rm_eval']}", f"data.demonstrations_file={files['sft']}",
+               f"train.seed={cfg.seed}", "train.progress=false"]
     rm_args += [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in _flat(cfg.rm).items()]
     timings["rm"] = _run("rm", rm_args, logs)
     rm_final = _last_jsonl(rm / "metrics.jsonl", "eval")
@@ -214,17 +222,19 @@ def run(cfg: DemoConfig) -> pathlib.Path:
     if not hf_dirs:
         raise RuntimeError(f"the learner wrote no actor_hf checkpoint under {ckdir}")
     final_dir = hf_dirs[-1]
-    # tokenizer files next to each exported actor so that it loads stand-alone
-    res = {"SFT": E.evaluate("SFT", sft, evalp, rm, cfg.max_new_tokens),
-           "PPO": E.evaluate("PPO", final_dir, evalp, rm, cfg.max_new_tokens)}
+    models = {"SFT": sft, "PPO": final_dir}
     if cfg.big_baseline:
-        res["SFT 4x"] = E.evaluate("SFT 4x", work / "models" / "sft-4x", evalp, rm, cfg.max_new_tokens)
+        models["SFT 4x"] = work / "models" / "sft-4x"
+    ev = lambda name, d, temp: E.evaluate(name, d, evalp, rm, cfg.max_new_tokens,  # noqa: E731
+                                          temperature=temp, seed=cfg.seed)
+    res = {k: ev(k, d, 1.0) for k, d in models.items()}        # sampled, as the policy acts in PPO
+    greedy = {k: ev(k, d, 0.0) for k, d in models.items()}
     log_recs = read_jsonl(ckdir / "metrics.jsonl")
     kl_at = {r["policy_version"]: r["kl_to_ref"] for r in log_recs}
     curve = [{"version": 0, "kl": 0.0, "proxy": res["SFT"].proxy_mean, "gold": res["SFT"].gold_mean}]
     for d in hf_dirs:
         v = _version_of(d)
-        r = res["PPO"] if d == final_dir else E.evaluate(f"v{v}", d, evalp, rm, cfg.max_new_tokens)
+        r = res["PPO"] if d == final_dir else ev(f"v{v}", d, 1.0)
         curve.append({"version": v, "kl": kl_at.get(v, float("nan")), "proxy": r.proxy_mean, "gold": r.gold_mean})
     timings["eval"] = time.monotonic() - t0
 
@@ -236,6 +246,8 @@ def run(cfg: DemoConfig) -> pathlib.Path:
     summary = {
         "tasks": cfg.task.tasks, "eval_prompts": len(evalp), "params": params,
         "gold": {k: v.gold_mean for k, v in res.items()}, "proxy": {k: v.proxy_mean for k, v in res.items()},
+        "gold_greedy": {k: v.gold_mean for k, v in greedy.items()},
+        "win_rate_ppo_vs_sft_greedy": E.win_rate(greedy["PPO"], greedy["SFT"]),
         "gold_by_task": {k: v.gold_by_task(evalp) for k, v in res.items()},
         "win_rate_ppo_vs_sft": E.win_rate(res["PPO"], res["SFT"]),
         "final_kl": last.get("kl_to_ref", float("nan")), "final_kl_coef": last.get("kl_coef", float("nan")),
@@ -245,11 +257,13 @@ def run(cfg: DemoConfig) -> pathlib.Path:
     }
     if cfg.big_baseline:
         summary["win_rate_ppo_vs_big"] = E.win_rate(res["PPO"], res["SFT 4x"])
+        summary["win_rate_ppo_vs_big_greedy"] = E.win_rate(greedy["PPO"], greedy["SFT 4x"])
     examples = [(p, a, b, ga, gb) for p, a, b, ga, gb in zip(evalp, res["SFT"].responses, res["PPO"].responses,
                                                             res["SFT"].gold, res["PPO"].gold)][:12]
     report = write_report(work, summary, log_recs, curve, examples)
     print(f"[demo {time.monotonic() - t_all:6.0f}s] done: {report}", flush=True)
     print(json.dumps({"gold_sft": summary["gold"]["SFT"], "gold_ppo": summary["gold"]["PPO"],
+                      "gold_greedy_sft": summary["gold_greedy"]["SFT"], "gold_greedy_ppo": summary["gold_greedy"]["PPO"],
                       "final_kl": summary["final_kl"], "rm_heldout_accuracy": summary["rm_accuracy"]["held-out"],
                       "total_s": summary["timings"]["total"]}))
     return report
@@ -283,7 +297,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         data = yaml.safe_load(pathlib.Path(args.config).read_text()) if args.config else {}
-        data = apply_overrides(data or {}, (QUICK if args.quick else []) + args.overrides)
+        # start from the defaults so that `sft.train.max_steps=...` patches, not replaces, a section
+        data = _merge(dataclasses.asdict(DemoConfig()), data or {})
+        data = apply_overrides(data, (QUICK if args.quick else []) + args.overrides)
         cfg = from_dict(DemoConfig, data)
     except (ConfigError, ValueError, OSError) as e:
         print(f"instructrl demo: {e}", file=sys.stderr)

@@ -102,7 +102,7 @@ def write_report(out_dir: pathlib.Path, summary: dict[str, Any], log: list[dict]
     figs = {}
     if log:
         figs["reward_kl"] = plot_reward_kl(log, out_dir / "reward_kl.png")
-    figs["gold"] = plot_gold(summary["gold"], out_dir / "gold_scores.png", "Held-out gold score")
+    figs["gold"] = plot_gold(summary["gold"], out_dir / "gold_scores.png", "Held-out gold score (sampled, T=1)")
     figs["rm"] = plot_rm_accuracy(summary["rm_accuracy"], out_dir / "rm_accuracy.png")
     if len(curve) >= 2:
         figs["curve"] = plot_overoptimization(curve, out_dir / "overoptimization.png")
@@ -111,28 +111,33 @@ def write_report(out_dir: pathlib.Path, summary: dict[str, Any], log: list[dict]
         "# instructrl demo report", "",
         f"Task: synthetic instruction following ({', '.join(s['tasks'])}); gold score in [0, 1] "
         "from the programmatic labeler (correctness x brevity). All numbers are on held-out prompts "
-        f"({s['eval_prompts']} prompts never seen in training), greedy decoding.", "",
-        "| model | params | gold score | RM score |", "|---|---|---|---|",
+        f"({s['eval_prompts']} prompts never seen in training). \"sampled\" = one response per prompt "
+        "at temperature 1, as the policy acts during PPO; \"greedy\" = argmax decoding.", "",
+        "| model | params | gold (sampled) | gold (greedy) | RM score (sampled) |", "|---|---|---|---|---|",
     ]
     for name, g in s["gold"].items():
-        lines.append(f"| {name} | {s['params'].get(name, '')} | {g:.3f} | {s['proxy'].get(name, float('nan')):.3f} |")
+        lines.append(f"| {name} | {s['params'].get(name, '')} | {g:.3f} | {s['gold_greedy'].get(name, float('nan')):.3f} "
+                     f"| {s['proxy'].get(name, float('nan')):.3f} |")
     lines += ["",
               f"- PPO vs SFT: gold {s['gold']['PPO']:.3f} vs {s['gold']['SFT']:.3f} "
               f"(+{s['gold']['PPO'] - s['gold']['SFT']:.3f}); labeler prefers PPO to SFT on "
-              f"{s['win_rate_ppo_vs_sft']:.1%} of prompts (ties half).",
+              f"{s['win_rate_ppo_vs_sft']:.1%} of prompts (ties half); greedy: gold "
+              f"{s['gold_greedy']['PPO']:.3f} vs {s['gold_greedy']['SFT']:.3f}, PPO preferred on "
+              f"{s['win_rate_ppo_vs_sft_greedy']:.1%}.",
               f"- KL(PPO policy || SFT) at the end: {s['final_kl']:.3f} nats per sequence "
               f"(beta = {s['final_kl_coef']:.4f}).",
               ]
     if "win_rate_ppo_vs_big" in s:
         lines.append(f"- PPO ({s['params']['PPO']}) vs SFT-only model 4x its size ({s['params'].get('SFT 4x', '')}): "
-                     f"labeler prefers PPO on {s['win_rate_ppo_vs_big']:.1%} of prompts — InstructGPT's headline "
+                     f"labeler prefers PPO on {s['win_rate_ppo_vs_big']:.1%} of prompts sampled, "
+                     f"{s['win_rate_ppo_vs_big_greedy']:.1%} greedy — InstructGPT's headline "
                      "(1.3B InstructGPT preferred to 175B GPT-3) in miniature.")
     lines += [f"- Reward model: held-out pairwise accuracy {s['rm_accuracy'].get('held-out', float('nan')):.3f} "
               f"(labelers agree with each other on {s['labeler_agreement']:.1%} of pairs).", "",
               f"Timings (s): {json.dumps(s['timings'])}", ""]
     if "reward_kl" in figs:
         lines += ["## Reward and KL per PPO iteration", "", "![reward and KL](reward_kl.png)", ""]
-    lines += ["## Gold score: SFT vs PPO", "", "![gold](gold_scores.png)", "", "By task:", "",
+    lines += ["## Gold score: SFT vs PPO", "", "![gold](gold_scores.png)", "", "By task (sampled):", "",
               "| task | " + " | ".join(s["gold_by_task"]) + " |",
               "|---|" + "---|" * len(s["gold_by_task"])]
     tasks = sorted(next(iter(s["gold_by_task"].values())).keys())

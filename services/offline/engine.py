@@ -134,7 +134,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig,
     import deepspeed
 
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)  # norms and biases: no weight decay
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
