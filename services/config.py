@@ -196,3 +196,30 @@ def help_lines(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
         tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
         out.append(f"{name} ({tname}, default {default}): {f.metadata.get('help', '')}")
     return out
+
+
+def parse_cli(prog: str, cls: type[T], argv: list[str], description: str = "", example: str = "") -> T:
+    """The command line every role shares: `--config FILE`, `--help-config`, `key=value ...`.
+
+    Returns the loaded config. `--help-config` prints every field and exits 0; a bad
+    config prints one line naming the field (`prog: ppo.kl_coef: expected a number`)
+    and exits 2, so scripts and Kubernetes see a config error, not a crash.
+    """
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Run with --help-config to list every config field.")
+    ap.add_argument("--config", help=f"YAML file of {cls.__name__} fields")
+    ap.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    ap.add_argument("overrides", nargs="*", help=f"dotted key=value overrides{', e.g. ' + example if example else ''}")
+    args = ap.parse_args(argv)
+    if args.help_config:
+        print("\n".join(help_lines(cls)))
+        raise SystemExit(0)
+    try:
+        return load(cls, args.config, args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

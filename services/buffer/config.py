@@ -1,12 +1,14 @@
 """Typed configuration of the Redis experience buffer (`buffer.*` in a run's YAML).
 
 Two concerns, nested: `buffer.redis` says how to reach Redis, the rest says how the
-streams behave. Every field's comment is its `--help` text.
+streams behave. Each field's help is its `--help-config` line.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from instructrl.config import field
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -15,65 +17,39 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class RedisConfig:
     """How to reach Redis: URL, credentials, TLS, retries."""
 
-    url: str = "redis://127.0.0.1:6379/0"
-    """redis:// or rediss:// (TLS) URL; may carry `user:password@`."""
-    username: str | None = None
-    """ACL user; overrides the URL's user when set."""
-    password: str | None = None
-    """Password; when unset, $INSTRUCTRL_REDIS_PASSWORD, then the URL's."""
-    tls_ca_file: str | None = None
-    """CA bundle to verify the server's certificate (rediss:// only)."""
-    tls_cert_file: str | None = None
-    """Client certificate for mutual TLS (rediss:// only)."""
-    tls_key_file: str | None = None
-    """Key of the client certificate (rediss:// only)."""
-    tls_check_hostname: bool = True
-    """Check that the server certificate names the URL's host."""
-    socket_timeout_s: float = 30.0
-    """Read timeout of one command; must exceed `buffer.block_ms`."""
-    connect_timeout_s: float = 5.0
-    """TCP + TLS connect timeout."""
-    retry_attempts: int = 12
-    """Reconnect attempts per command after a connection error (0 = none)."""
-    retry_base_s: float = 0.05
-    """First backoff between reconnect attempts; doubles with jitter."""
-    retry_cap_s: float = 2.0
-    """Longest backoff between reconnect attempts."""
+    url: str = field("redis://127.0.0.1:6379/0", help="redis:// or rediss:// (TLS) URL; may carry `user:password@`.")
+    username: str | None = field(None, help="ACL user; overrides the URL's user when set.")
+    password: str | None = field(None, help="Password; when unset, $INSTRUCTRL_REDIS_PASSWORD, then the URL's.")
+    tls_ca_file: str | None = field(None, help="CA bundle to verify the server's certificate (rediss:// only).")
+    tls_cert_file: str | None = field(None, help="Client certificate for mutual TLS (rediss:// only).")
+    tls_key_file: str | None = field(None, help="Key of the client certificate (rediss:// only).")
+    tls_check_hostname: bool = field(True, help="Check that the server certificate names the URL's host.")
+    socket_timeout_s: float = field(30.0, help="Read timeout of one command; must exceed `buffer.block_ms`.")
+    connect_timeout_s: float = field(5.0, help="TCP + TLS connect timeout.")
+    retry_attempts: int = field(12, help="Reconnect attempts per command after a connection error (0 = none).")
+    retry_base_s: float = field(0.05, help="First backoff between reconnect attempts; doubles with jitter.")
+    retry_cap_s: float = field(2.0, help="Longest backoff between reconnect attempts.")
 
 
 @dataclass
 class BufferConfig:
     """The prompt and experience streams of one run."""
 
-    redis: RedisConfig = field(default_factory=RedisConfig)
-    run_id: str = "default"
-    """Namespace: every key is `instructrl:{<run_id>}:...` ([A-Za-z0-9._-])."""
-    capacity: int = 4096
-    """Most experience records not yet acked (undelivered + pending); producers wait beyond it."""
-    prompt_capacity: int = 100_000
-    """Most prompts not yet acked in the prompt stream."""
-    put_timeout_s: float = 60.0
-    """How long a producer waits for room before raising `BufferFull`."""
-    block_ms: int = 1000
-    """How long a consumer's read blocks when the stream is empty."""
-    claim_idle_ms: int = 60_000
-    """An entry pending this long at one consumer is reclaimed by another (XAUTOCLAIM)."""
-    max_deliveries: int = 5
-    """An entry delivered more often than this goes to the dead-letter stream."""
-    max_policy_lag: int | None = 1
-    """Records more versions behind the learner than this are stale (None: never)."""
-    stale_policy: str = "drop"
-    """"drop": ack and count stale records; "keep": hand them over with their lag."""
-    experience_group: str = "learner"
-    """Consumer group that reads the experience stream."""
-    prompt_group: str = "rollout"
-    """Consumer group the rollout replicas claim prompts through."""
-    dead_letter_maxlen: int = 100_000
-    """Approximate cap of the dead-letter stream (a forensic log, never trained on)."""
-    put_batch: int = 256
-    """Records appended per round trip."""
-    gauge_interval_s: float = 1.0
-    """Least seconds between two refreshes of the depth/lag/pending gauges."""
+    redis: RedisConfig = field(default_factory=RedisConfig, help="how to reach Redis")
+    run_id: str = field("default", help="Namespace: every key is `instructrl:{<run_id>}:...` ([A-Za-z0-9._-]).")
+    capacity: int = field(4096, help="Most experience records not yet acked (undelivered + pending); producers wait beyond it.")
+    prompt_capacity: int = field(100_000, help="Most prompts not yet acked in the prompt stream.")
+    put_timeout_s: float = field(60.0, help="How long a producer waits for room before raising `BufferFull`.")
+    block_ms: int = field(1000, help="How long a consumer's read blocks when the stream is empty.")
+    claim_idle_ms: int = field(60_000, help="An entry pending this long at one consumer is reclaimed by another (XAUTOCLAIM).")
+    max_deliveries: int = field(5, help="An entry delivered more often than this goes to the dead-letter stream.")
+    max_policy_lag: int | None = field(1, help="Records more versions behind the learner than this are stale (None: never).")
+    stale_policy: str = field("drop", help="\"drop\": ack and count stale records; \"keep\": hand them over with their lag.")
+    experience_group: str = field("learner", help="Consumer group that reads the experience stream.")
+    prompt_group: str = field("rollout", help="Consumer group the rollout replicas claim prompts through.")
+    dead_letter_maxlen: int = field(100_000, help="Approximate cap of the dead-letter stream (a forensic log, never trained on).")
+    put_batch: int = field(256, help="Records appended per round trip.")
+    gauge_interval_s: float = field(1.0, help="Least seconds between two refreshes of the depth/lag/pending gauges.")
 
     def __post_init__(self) -> None:
         if not _RUN_ID.match(self.run_id):

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 import sys
 import time
@@ -224,24 +223,10 @@ def launch(cfg: LaunchConfig, on_progress: Callable[[dict], None] | None = None,
 
 
 def main(argv: list[str]) -> int:
-    import argparse
+    from instructrl.config import parse_cli
 
-    from instructrl.config import help_lines, load
-
-    ap = argparse.ArgumentParser(prog="instructrl launch", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=False, help="YAML file of LaunchConfig (sections per role)")
-    ap.add_argument("--help-config", action="store_true", help="list the launcher's own fields and exit")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.ppo.max_steps=20")
-    args = ap.parse_args(argv)
-    if args.help_config:
-        print("\n".join(help_lines(LaunchConfig)))
-        return 0
+    cfg = parse_cli("instructrl launch", LaunchConfig, argv, __doc__.splitlines()[0], "learner.ppo.max_steps=20")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        cfg = load(LaunchConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"instructrl launch: {e}", file=sys.stderr)
-        return 2
 
     def show(rec: dict) -> None:
         print(f"v{rec.get('policy_version')}: reward {rec.get('reward_mean', 0):.4f} "

@@ -10,7 +10,6 @@ See docs/learner.md.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import logging
@@ -19,7 +18,7 @@ import signal
 import sys
 import threading
 
-from instructrl.config import ConfigError, help_lines, load
+from instructrl.config import parse_cli
 from instructrl.learner.config import LearnerConfig
 from instructrl.learner.control import Control
 from instructrl.serving.errors import DeadlineExceeded
@@ -107,19 +106,7 @@ class ServerThread:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="instructrl serve learner", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML file of LearnerConfig")
-    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.kl_coef=0.05")
-    args = p.parse_args(argv)
-    if args.help_config:
-        print("\n".join(help_lines(LearnerConfig)))
-        return 0
-    try:
-        cfg = load(LearnerConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"instructrl serve learner: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_cli("instructrl serve learner", LearnerConfig, argv, __doc__.splitlines()[0], "ppo.kl_coef=0.05")
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=getattr(logging, cfg.logging.level.upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")

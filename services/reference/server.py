@@ -4,12 +4,11 @@
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
 
-from instructrl.config import ConfigError, help_lines, load
+from instructrl.config import ConfigError, parse_cli
 from instructrl.reference.config import ReferenceConfig
 from instructrl.reference.scorer import LogProbsInput, ReferenceScorer
 from instructrl.serving.batcher import DynamicBatcher
@@ -80,17 +79,10 @@ def _thread_init(n: int):
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="instructrl serve reference", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML file of ReferenceConfig")
-    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. server.port=50053")
-    args = p.parse_args(argv)
-    if args.help_config:
-        print("\n".join(help_lines(ReferenceConfig)))
-        return 0
+    cfg = parse_cli("instructrl serve reference", ReferenceConfig, argv, __doc__.splitlines()[0],
+                    "server.port=50053")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load(ReferenceConfig, args.config, args.overrides)
         _thread_init(cfg.torch_threads)()
         server = ReferenceServer(cfg)  # loads the model before the port opens: SERVING means ready
     except ConfigError as e:

@@ -4,12 +4,11 @@
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
 
-from instructrl.config import ConfigError, help_lines, load
+from instructrl.config import ConfigError, parse_cli
 from instructrl.reward.config import RewardConfig
 from instructrl.reward.normalization import RunningNormalizer
 from instructrl.reward.scorer import RewardScorer, ScoreInput, load_scorer
@@ -103,17 +102,9 @@ def _thread_init(n: int):
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="instructrl serve reward", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML file of RewardConfig")
-    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. server.port=50052")
-    args = p.parse_args(argv)
-    if args.help_config:
-        print("\n".join(help_lines(RewardConfig)))
-        return 0
+    cfg = parse_cli("instructrl serve reward", RewardConfig, argv, __doc__.splitlines()[0], "server.port=50052")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load(RewardConfig, args.config, args.overrides)
         _thread_init(cfg.torch_threads)()
         server = RewardServer(cfg)  # loads the model before the port opens: SERVING means ready
     except ConfigError as e:

@@ -29,7 +29,6 @@ Statistics are returned as detached 0-dim tensors (no host sync); call
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .masked import _select, masked_mean, masked_sum, masked_var
 

@@ -6,12 +6,10 @@ timeout, and a cancelled RPC cancels its task, which aborts its vLLM requests.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import sys
 
-from instructrl.config import ConfigError, help_lines, load
+from instructrl.config import parse_cli
 from instructrl.rollout.config import RolloutConfig
 from instructrl.rollout.domain import Sample, Sampling
 from instructrl.rollout.engine import RolloutEngine
@@ -119,21 +117,7 @@ async def serve(cfg: RolloutConfig, ready: asyncio.Event | None = None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(
-        prog="instructrl serve rollout", description=__doc__,
-        epilog="config fields (set as key=value):\n  " + "\n  ".join(help_lines(RolloutConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML file with RolloutConfig fields")
-    ap.add_argument("--help-config", action="store_true", help="list every config field and exit")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. engine.model=/models/sft server.port=50061")
-    args = ap.parse_args(argv)
-    if args.help_config:
-        print("\n".join(help_lines(RolloutConfig)))
-        return 0
-    try:
-        cfg = load(RolloutConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"instructrl serve rollout: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_cli("instructrl serve rollout", RolloutConfig, argv, __doc__,
+                    "engine.model=/models/sft server.port=50061")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve(cfg))

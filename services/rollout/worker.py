@@ -21,13 +21,11 @@ finishes the batches it holds.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
 import random
 import signal
-import sys
 import time
 from typing import Awaitable, Callable, TypeVar
 
@@ -36,7 +34,7 @@ import numpy as np
 
 from instructrl.buffer import AsyncExperienceBuffer, AsyncPromptQueue, BufferConfig, ClaimedPrompts, sample_id_for
 from instructrl.codec import encode
-from instructrl.config import ConfigError, field, help_lines, load
+from instructrl.config import field, parse_cli
 from instructrl.reference.client import ReferenceClient
 from instructrl.reward.client import RewardClient
 from instructrl.rollout import metrics as m
@@ -337,22 +335,8 @@ class RolloutWorker:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(
-        prog="instructrl rollout-worker", description=__doc__.splitlines()[0],
-        epilog="config fields (set as key=value):\n  " + "\n  ".join(help_lines(WorkerConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML file with WorkerConfig fields")
-    ap.add_argument("--help-config", action="store_true", help="list every config field and exit")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.address=127.0.0.1:50061")
-    args = ap.parse_args(argv)
-    if args.help_config:
-        print("\n".join(help_lines(WorkerConfig)))
-        return 0
-    try:
-        cfg = load(WorkerConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"instructrl rollout-worker: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_cli("instructrl rollout-worker", WorkerConfig, argv, __doc__.splitlines()[0],
+                    "rollout.address=127.0.0.1:50061")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     port = start_metrics_server(cfg.metrics_port)
     log.info("rollout worker %s: rollout %s, reward %s, reference %s, metrics :%d", cfg.replica_id,
