@@ -75,7 +75,8 @@ class AsyncGroupStream:
             return await self._put(keys=put_keys(self.spec, dedup_key), args=put_args(self.spec, chunk))
         member = reservation(len(chunk))
         n, depth = await self._reserve(keys=[self.spec.key, self.spec.reserved_key],
-                                       args=[self.spec.capacity, len(chunk), member, RESERVE_TTL_MS])
+                                       args=[self.spec.capacity, len(chunk), member, RESERVE_TTL_MS,
+                                             self.spec.group])
         if n >= 0:
             pipe = self.r.pipeline(transaction=False)
             for _, fields in chunk:

@@ -37,8 +37,8 @@ class BufferConfig:
 
     redis: RedisConfig = field(default_factory=RedisConfig, help="how to reach Redis")
     run_id: str = field("default", help="Namespace: every key is `instructrl:{<run_id>}:...` ([A-Za-z0-9._-]).")
-    capacity: int = field(4096, help="Most experience records not yet acked (undelivered + pending); producers wait beyond it.")
-    prompt_capacity: int = field(100_000, help="Most prompts not yet acked in the prompt stream.")
+    capacity: int = field(4096, help="Most experience records not yet delivered to the learner's group; producers wait beyond it (records the learner holds until its checkpoint do not count).")
+    prompt_capacity: int = field(100_000, help="Most prompts not yet claimed in the prompt stream.")
     put_timeout_s: float = field(60.0, help="How long a producer waits for room before raising `BufferFull`.")
     block_ms: int = field(1000, help="How long a consumer's read blocks when the stream is empty.")
     claim_idle_ms: int = field(60_000, help="An entry pending this long at one consumer is reclaimed by another (XAUTOCLAIM).")

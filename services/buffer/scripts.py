@@ -2,14 +2,17 @@
 share the run's hash tag, so they also run on Redis Cluster. Big record payloads never
 pass through Lua on the experience path (see RESERVE_LUA)."""
 
-# Two ways to append, both bounded by capacity (XLEN + reserved <= capacity):
+# Two ways to append, both bounded by capacity (undelivered + reserved <= capacity, where
+# undelivered = XLEN - entries pending in the group: a consumer that holds delivered records
+# until its checkpoint does not stall the producers; the stream holds at most capacity +
+# what consumers hold):
 # - RESERVE_LUA then a pipeline of plain XADDs + ZREM of the reservation (experience:
 #   large records; passing them through Lua would double the cost of a put);
 # - PUT_LUA, which checks, dedups and appends in one script (prompts: small records that
 #   must be queued once per epoch).
 
 # KEYS[1] stream, KEYS[2] reservations (zset: member "n:token", score = expiry ms).
-# ARGV: capacity, n, member, ttl ms. Expired reservations (a producer that died between
+# ARGV: capacity, n, member, ttl ms, group. Expired reservations (a producer that died between
 # reserving and appending) are dropped first. Returns {n, depth} or {-1, depth} when full.
 RESERVE_LUA = """
 local t = redis.call('TIME')
@@ -19,7 +22,7 @@ local held = 0
 for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   held = held + tonumber(string.match(member, '^(%d+):'))
 end
-local depth = redis.call('XLEN', KEYS[1]) + held
+local depth = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[5])[1] + held
 local n = tonumber(ARGV[2])
 if depth + n > tonumber(ARGV[1]) then return {-1, depth} end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3])
@@ -28,22 +31,22 @@ return {n, depth + n}
 RESERVE_TTL_MS = 30_000
 
 # KEYS[1] stream, KEYS[2] set of members already queued, KEYS[3] reservations.
-# ARGV: capacity, k = field pairs per record, then per record: member, k pairs.
+# ARGV: capacity, k = field pairs per record, group, then per record: member, k pairs.
 # All-or-nothing: appends every record whose member is new (and adds the member), or
-# none when they would push XLEN + reserved past capacity.
+# none when they would push undelivered + reserved past capacity.
 # Returns {appended, depth after} or {-1, depth} when full.
 PUT_LUA = """
 local cap, k = tonumber(ARGV[1]), tonumber(ARGV[2])
 local stride = 1 + 2 * k
 local fresh, taken = {}, {}
-for base = 3, #ARGV, stride do
+for base = 4, #ARGV, stride do
   local member = ARGV[base]
   if not taken[member] and redis.call('SISMEMBER', KEYS[2], member) == 0 then
     taken[member] = true
     fresh[#fresh + 1] = base
   end
 end
-local depth = redis.call('XLEN', KEYS[1])
+local depth = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[3])[1]
 for _, member in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
   depth = depth + tonumber(string.match(member, '^(%d+):'))
 end

@@ -3,8 +3,10 @@ experience buffer share.
 
 Invariant that bounds memory without trimming unread data: an entry leaves the stream
 (XDEL) only in the same Lua script that XACKs it. So XLEN == entries not yet acked
-(undelivered + pending), which is what `capacity` bounds, and the group's `lag` stays
-exact because nothing after its last-delivered id is ever deleted.
+(undelivered + pending). `capacity` bounds the undelivered ones (XLEN - pending): a
+consumer that holds delivered records until its checkpoint does not stall producers, and
+the stream holds at most capacity + what consumers hold. The group's `lag` stays exact
+because nothing after its last-delivered id is ever deleted.
 
 The Redis I/O is written twice, here (sync) and in `aio.py` (asyncio), over the pure
 helpers below (argument builders, reply parsers, clocks), so the two cannot drift.
@@ -57,7 +59,7 @@ def put_keys(spec: StreamSpec, dedup_key: str) -> list[str]:
 def put_args(spec: StreamSpec, records: Sequence[tuple[str, Sequence[bytes | str | int]]]) -> list:
     """ARGV of PUT_LUA (with dedup) for records given as (member, flat field/value list)."""
     k = len(records[0][1]) // 2
-    args: list = [spec.capacity, k]
+    args: list = [spec.capacity, k, spec.group]
     for member, fields in records:
         assert len(fields) == 2 * k, "every record needs the same fields"
         args.append(member)
@@ -160,8 +162,8 @@ class Waiter:
 
 def full_error(spec: StreamSpec, depth: int, waited: float) -> BufferFull:
     return BufferFull(
-        f"{spec.label} stream {spec.key} is full: {depth} records not yet acked, capacity "
-        f"{spec.capacity}; waited {waited:.1f}s for a consumer to ack (raise capacity or "
+        f"{spec.label} stream {spec.key} is full: {depth} records not yet delivered, capacity "
+        f"{spec.capacity}; waited {waited:.1f}s for a consumer to read (raise capacity or "
         f"put_timeout_s, or check that the consumer group {spec.group!r} is running)")
 
 
@@ -230,7 +232,8 @@ class GroupStream:
             return self._put(keys=put_keys(self.spec, dedup_key), args=put_args(self.spec, chunk))
         member = reservation(len(chunk))
         n, depth = self._reserve(keys=[self.spec.key, self.spec.reserved_key],
-                                 args=[self.spec.capacity, len(chunk), member, RESERVE_TTL_MS])
+                                 args=[self.spec.capacity, len(chunk), member, RESERVE_TTL_MS,
+                                       self.spec.group])
         if n >= 0:
             pipe = self.r.pipeline(transaction=False)
             for _, fields in chunk:

@@ -124,19 +124,21 @@ def make_data(cfg: DemoConfig, data: pathlib.Path) -> dict[str, pathlib.Path]:
 def launch_config(cfg: DemoConfig, work: pathlib.Path, sft: pathlib.Path, rm: pathlib.Path,
                   prompts: pathlib.Path) -> dict:
     s = cfg.sizes
-    batch = 64
+    batch, n = 64, 4
     base = {
         "run_id": f"demo-{int(time.time())}",
         "workdir": str(work / "ppo"),
         "prompts": str(prompts),
-        "epochs": max(1, -(-(s.ppo_steps + 2) * batch // max(s.ppo_prompts, 1))),
+        # enough prompts for every iteration (n samples each), with room for stale drops
+        "epochs": max(1, -(-(s.ppo_steps + 4) * batch * 2 // (n * max(s.ppo_prompts, 1)))),
         "reward": {"model": str(rm), "normalization": {"enabled": True, "freeze_after": 2000},
                    "batching": {"max_wait_ms": 5}},
         "reference": {"model": str(sft), "batching": {"max_wait_ms": 5}},
         "rollout": {"engine": {"model": str(sft), "dtype": "float32", "max_model_len": 128,
                                "enforce_eager": True, "kv_cache_gb": 1, "seed": cfg.seed}},
-        "worker": {"sampling": {"n": 4, "temperature": 1.0, "max_tokens": cfg.max_new_tokens},
-                   "claim_batch": 16},
+        # backpressure: the rollout may run at most two batches ahead of the learner
+        "worker": {"sampling": {"n": n, "temperature": 1.0, "max_tokens": cfg.max_new_tokens},
+                   "claim_batch": 16, "buffer": {"capacity": 2 * batch}},
         "learner": {
             "model": {"actor_path": str(sft), "critic_path": str(rm)},
             "ppo": {"batch_size": batch, "minibatch_size": 32, "micro_batch_size": 16, "epochs": 2,

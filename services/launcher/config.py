@@ -33,6 +33,9 @@ class LaunchConfig:
     epochs: int = field(1, help="passes over the prompts file (each prompt generated once per epoch)")
     health_timeout_s: float = field(600.0, help="how long a service may take to report SERVING")
     grace_s: float = field(20.0, help="seconds each process gets to stop on shutdown")
+    stall_timeout_s: float = field(
+        600.0, help="fail the run when the learner logs no iteration for this long once it has started "
+                    "(e.g. the prompts ran out); 0 = wait forever")
     threads: ThreadsConfig = field(default_factory=ThreadsConfig, help="compute threads per process")
     reward: dict[str, Any] = field(default_factory=dict, help="RewardConfig of the reward service")
     reference: dict[str, Any] = field(default_factory=dict, help="ReferenceConfig of the reference service")

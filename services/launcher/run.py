@@ -27,6 +27,10 @@ from instructrl.launcher.redis_local import free_port, redis_server_argv, wait_r
 log = logging.getLogger(__name__)
 
 
+class RunStalled(RuntimeError):
+    """The learner stopped making progress while every process is alive."""
+
+
 @dataclasses.dataclass
 class Endpoints:
     redis_url: str
@@ -153,8 +157,12 @@ def enqueue(redis_url: str, run_id: str, prompts: list[dict], epochs: int) -> in
 
 
 def launch(cfg: LaunchConfig, on_progress: Callable[[dict], None] | None = None,
-           stop_when: Callable[[dict], bool] | None = None) -> dict:
+           stop_when: Callable[[dict], bool] | None = None,
+           on_started: Callable[[Endpoints], None] | None = None) -> dict:
     """Run everything until the learner finishes. Returns the learner's last JSONL record.
+
+    `on_progress(record)` sees each learner JSONL record, `stop_when(record)` may end the run
+    early, `on_started(endpoints)` is told every address and metrics port once all are serving.
 
     Raises `ProcessDied` naming the process that died, after stopping the others.
     """
@@ -196,20 +204,28 @@ def launch(cfg: LaunchConfig, on_progress: Callable[[dict], None] | None = None,
         if prompts:
             n = enqueue(redis_url, cfg.run_id, prompts, cfg.epochs)
             log.info("enqueued %d prompts (%d epochs)", n, cfg.epochs)
+        if on_started:
+            on_started(eps)
         learner = next(p for p in sup.procs if p.name == "learner")
         jsonl = pathlib.Path(configs["learner"].get("logging", {}).get("jsonl")
                              or pathlib.Path(configs["learner"]["checkpoint"]["dir"]) / "metrics.jsonl")
         last: dict = {}
         seen = 0
+        progressed = time.monotonic()
         while True:
             if jsonl.exists():
                 lines = jsonl.read_text().splitlines()
                 for line in lines[seen:]:
                     if line.strip():
                         last = json.loads(line)
+                        progressed = time.monotonic()
                         if on_progress:
                             on_progress(last)
                 seen = len(lines)
+            if last and cfg.stall_timeout_s and time.monotonic() - progressed > cfg.stall_timeout_s:
+                raise RunStalled(f"the learner logged no iteration for {cfg.stall_timeout_s:.0f}s after "
+                                 f"policy_version {last.get('policy_version')}: are the prompts exhausted "
+                                 f"(epochs={cfg.epochs})? see {logdir}")
             if not learner.alive():
                 if learner.popen.returncode != 0:
                     raise ProcessDied(learner)
@@ -237,7 +253,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"instructrl launch: {e}", file=sys.stderr)
         return 2
-    except ProcessDied as e:
+    except (ProcessDied, RunStalled) as e:
         print(f"instructrl launch: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
