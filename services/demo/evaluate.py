@@ -108,3 +108,9 @@ def win_rate(a: EvalResult, b: EvalResult) -> float:
     """How often the labeler prefers `a`'s response to `b`'s on the same prompt (ties count half)."""
     wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a.gold, b.gold))
     return wins / len(a.gold)
+
+
+def paired_se(a: EvalResult, b: EvalResult) -> float:
+    """Standard error of mean(a.gold - b.gold) over the same prompts (paired)."""
+    diffs = [x - y for x, y in zip(a.gold, b.gold)]
+    return statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")

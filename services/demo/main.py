@@ -39,9 +39,9 @@ class DemoSizes:
     rankings: int = field(8000, help="prompts ranked by labelers for the RM (K responses each)")
     rm_eval_rankings: int = field(300, help="held-out rankings for the RM's accuracy")
     ppo_prompts: int = field(3000, help="distinct prompts on the PPO prompt stream")
-    eval_prompts: int = field(300, help="held-out prompts for the final evaluation")
-    ppo_steps: int = field(120, help="PPO iterations (policy versions)")
-    curve_every: int = field(20, help="evaluate a PPO checkpoint every this many iterations (overoptimization curve)")
+    eval_prompts: int = field(1000, help="held-out prompts for the final evaluation")
+    ppo_steps: int = field(250, help="PPO iterations (policy versions)")
+    curve_every: int = field(50, help="evaluate a PPO checkpoint every this many iterations (overoptimization curve)")
 
 
 @dataclasses.dataclass
@@ -144,7 +144,9 @@ def launch_config(cfg: DemoConfig, work: pathlib.Path, sft: pathlib.Path, rm: pa
             "ppo": {"batch_size": batch, "minibatch_size": 32, "micro_batch_size": 16, "epochs": 2,
                     "actor_lr": 5e-5, "critic_lr": 1e-4, "kl_coef": 0.05, "lam": 0.95, "gamma": 1.0,
                     "max_steps": s.ppo_steps, "seed": cfg.seed},
-            "buffer": {"max_policy_lag": 2, "capacity": 2 * batch},
+            # the rollout runs up to a few batches ahead (generation overlaps training); PPO's
+            # ratio is taken against the learner's own recomputed log-probs
+            "buffer": {"max_policy_lag": 4, "capacity": 2 * batch},
             "checkpoint": {"every": s.curve_every, "keep": 1000, "save_hf": True},
         },
     }
@@ -252,6 +254,8 @@ def run(cfg: DemoConfig) -> pathlib.Path:
         "win_rate_ppo_vs_sft_greedy": E.win_rate(greedy["PPO"], greedy["SFT"]),
         "gold_by_task": {k: v.gold_by_task(evalp) for k, v in res.items()},
         "win_rate_ppo_vs_sft": E.win_rate(res["PPO"], res["SFT"]),
+        "gold_diff_se": E.paired_se(res["PPO"], res["SFT"]),
+        "gold_diff_se_greedy": E.paired_se(greedy["PPO"], greedy["SFT"]),
         "final_kl": last.get("kl_to_ref", float("nan")), "final_kl_coef": last.get("kl_coef", float("nan")),
         "rm_accuracy": {"held-out": rm_final.get("accuracy", rm_final.get("eval_accuracy", float("nan")))},
         "labeler_agreement": agreement, "ppo_steps": cfg.sizes.ppo_steps,

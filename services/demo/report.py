@@ -120,9 +120,11 @@ def write_report(out_dir: pathlib.Path, summary: dict[str, Any], log: list[dict]
                      f"| {s['proxy'].get(name, float('nan')):.3f} |")
     lines += ["",
               f"- PPO vs SFT: gold {s['gold']['PPO']:.3f} vs {s['gold']['SFT']:.3f} "
-              f"(+{s['gold']['PPO'] - s['gold']['SFT']:.3f}); labeler prefers PPO to SFT on "
+              f"({s['gold']['PPO'] - s['gold']['SFT']:+.3f} ± {2 * s['gold_diff_se']:.3f}, 2 paired standard errors); "
+              "labeler prefers PPO to SFT on "
               f"{s['win_rate_ppo_vs_sft']:.1%} of prompts (ties half); greedy: gold "
-              f"{s['gold_greedy']['PPO']:.3f} vs {s['gold_greedy']['SFT']:.3f}, PPO preferred on "
+              f"{s['gold_greedy']['PPO']:.3f} vs {s['gold_greedy']['SFT']:.3f} "
+              f"({s['gold_greedy']['PPO'] - s['gold_greedy']['SFT']:+.3f} ± {2 * s['gold_diff_se_greedy']:.3f}), PPO preferred on "
               f"{s['win_rate_ppo_vs_sft_greedy']:.1%}.",
               f"- KL(PPO policy || SFT) at the end: {s['final_kl']:.3f} nats per sequence "
               f"(beta = {s['final_kl_coef']:.4f}).",
