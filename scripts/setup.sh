@@ -65,5 +65,9 @@ for bad in ("torchvision", "torchaudio", "torchcodec"):
     sys.exit(f"setup: {bad} is installed and breaks transformers beside the CPU torch")
 print("setup: imports OK")
 PY
+# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use; build it here, once,
+# rather than inside the first training process (and its timeouts).
+"$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || \
+  echo "setup: note: DeepSpeed's shm comm op did not prebuild; it will build on first use"
 echo "$want" > "$STAMP"
 echo "setup: done ($VENV)"

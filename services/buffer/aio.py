@@ -44,6 +44,7 @@ class AsyncGroupStream:
         self._gauges_at = 0.0
 
     async def setup(self) -> None:
+        m.BACKPRESSURE_WAIT.labels(self.spec.label)  # a series from the start, not from the first wait
         try:
             await self.r.xgroup_create(self.spec.key, self.spec.group, id="0", mkstream=True)
         except ResponseError as err:

@@ -199,6 +199,7 @@ class GroupStream:
 
     def setup(self) -> None:
         """Create the stream and its group (from id 0: nothing appended earlier is skipped)."""
+        m.BACKPRESSURE_WAIT.labels(self.spec.label)  # a series from the start, not from the first wait
         try:
             self.r.xgroup_create(self.spec.key, self.spec.group, id="0", mkstream=True)
         except ResponseError as err:

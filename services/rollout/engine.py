@@ -47,6 +47,7 @@ class RolloutEngine:
     def __init__(self, cfg: RolloutConfig):
         self.cfg = cfg
         self.replica = cfg.replica_id
+        m.WEIGHT_UPDATE_FAILURES.labels(self.replica)  # 0 until one fails, so alerts see a series
         self.policy_version = cfg.initial_policy_version
         self.group_id = ""
         self.llm = None

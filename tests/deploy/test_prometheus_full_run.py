@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 
+import grpc
 import pytest
 import yaml
 
@@ -43,7 +43,8 @@ def test_dashboard_and_alert_queries_on_a_real_local_run(tmp_path):
         "rollout": {"engine": {"model": str(model), "dtype": "float32", "max_model_len": 128,
                                "enforce_eager": True, "kv_cache_gb": 1}},
         "worker": {"sampling": {"n": 2, "max_tokens": 8}, "claim_batch": 8},
-        "learner": {"ppo": {"batch_size": 16, "minibatch_size": 16, "micro_batch_size": 8, "epochs": 1,
+        "learner": {"model": {"actor_path": str(model)},
+                    "ppo": {"batch_size": 16, "minibatch_size": 16, "micro_batch_size": 8, "epochs": 1,
                             "max_steps": 200},
                     "buffer": {"max_policy_lag": 1, "capacity": 64}, "checkpoint": {"every": 1000}},
     })
@@ -66,6 +67,13 @@ def test_dashboard_and_alert_queries_on_a_real_local_run(tmp_path):
         state["prom"] = Prometheus(f"http://127.0.0.1:{port}")
         state["targets"] = len(targets)
         state["t0"] = time.monotonic()
+        # one malformed request, as clients make: the error counters and the error alert get a series
+        from instructrl.v1 import reward_pb2, reward_pb2_grpc
+        with grpc.insecure_channel(eps.reward) as ch:
+            try:
+                reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(), timeout=30)
+            except grpc.RpcError as e:
+                state["bad_request_code"] = e.code()
 
     def missing() -> list[str]:
         prom = state["prom"]
@@ -93,5 +101,6 @@ def test_dashboard_and_alert_queries_on_a_real_local_run(tmp_path):
             state["proc"].terminate()
             state["proc"].wait(timeout=30)
     assert last.get("policy_version", 0) >= 3, last
+    assert state.get("bad_request_code") == grpc.StatusCode.INVALID_ARGUMENT
     assert "missing" in state, "prometheus never saw every target up"
     assert not state["missing"], f"{len(state['missing'])} queries returned nothing:\n" + "\n".join(state["missing"])

@@ -44,9 +44,13 @@ def test_config_loading_and_errors(tmp_path, capsys):
         load(RolloutConfig, None, ["engine.model=/m", "engine.modle=/x"])
     with pytest.raises(ValueError):
         load(RolloutConfig, None, ["engine.model=/m", "weights.staging=lazy"])
-    assert serve_main(["server.port=1"]) == 2  # engine.model is required
+    with pytest.raises(SystemExit) as exit_:  # engine.model is required
+        serve_main(["server.port=1"])
+    assert exit_.value.code == 2
     assert "engine.model" in capsys.readouterr().err
-    assert serve_main(["--help-config"]) == 0 and "weights.staging" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        serve_main(["--help-config"])
+    assert exit_.value.code == 0 and "weights.staging" in capsys.readouterr().out
     w = load(WorkerConfig, None, ["rollout.address=h:1", "buffer.run_id=r1", "sampling.n=2"])
     assert w.rollout.address == "h:1" and w.buffer.run_id == "r1" and w.learner.address == ""
     with pytest.raises(ValueError):
