@@ -23,7 +23,8 @@ from instructrl.buffer import ExperienceBuffer
 from instructrl.rollout.client import RolloutClient, sampling_params
 from instructrl.serving.client import ClientConfig, sync_channel
 from instructrl.v1 import learner_pb2, learner_pb2_grpc
-from learner_testkit import (RolloutProcess, build_tiny, config, experience, free_port, random_prompts,
+from rollout_process import RolloutProcess
+from learner_testkit import (build_tiny, config, experience, free_port, random_prompts,
                              read_jsonl, sequence_logprobs, start_learner, write_config)
 
 STEPS, B, P, T = 3, 8, 4, 8
@@ -47,7 +48,8 @@ def _learner_status(stub) -> learner_pb2.LearnerStatus | None:
 @pytest.mark.slow
 def test_rollout_policy_version_follows_the_learner(tmp_path, redis_url, run_id):
     model_dir = build_tiny(tmp_path / "sft")
-    rollout = RolloutProcess(model_dir, tmp_path / "rollout.log")
+    rollout = RolloutProcess(model_dir, tmp_path / "rollout.log",
+                             ["engine.max_model_len=128", "server.metrics_port=-1", "replica_id=replica-0"])
     learner = None
     try:
         cfg = config(tmp_path, model_dir, redis_url, run_id, batch_size=B, minibatch_size=4, micro_batch_size=2,
