@@ -24,7 +24,7 @@ import dataclasses
 import json
 import pathlib
 import random
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -262,3 +262,16 @@ def batch_indices(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
             break
         out.append(chunk[rank::world])
     return out
+
+
+def load_splits(tok, data_cfg, seed: int, read: Callable[[str], list], encode: Callable) -> tuple[list, list]:
+    """Read `data_cfg.train_file` (and `eval_file`, or hold out `eval_fraction` of the train
+    records with `seed`), then tokenise both with `encode(tok, records, max_length, append_eos)`.
+    The one data prelude of the SFT, RM and DPO stages."""
+    records = read(data_cfg.train_file)
+    if data_cfg.eval_file:
+        eval_records = read(data_cfg.eval_file)
+    else:
+        records, eval_records = split_holdout(records, data_cfg.eval_fraction, seed)
+    return (encode(tok, records, data_cfg.max_length, data_cfg.append_eos),
+            encode(tok, eval_records, data_cfg.max_length, data_cfg.append_eos))

@@ -136,14 +136,8 @@ def train(cfg: RMConfig) -> dict:
 
     # 1. data: read and validate, hold out, tokenise (one group of K sequences per prompt)
     tok = AutoTokenizer.from_pretrained(cfg.model)
-    records = D.read_rankings(cfg.data.train_file)
-    if cfg.data.eval_file:
-        eval_records = D.read_rankings(cfg.data.eval_file)
-    else:
-        records, eval_records = D.split_holdout(records, cfg.data.eval_fraction, cfg.train.seed)
+    train_set, eval_set = D.load_splits(tok, cfg.data, cfg.train.seed, D.read_rankings, D.encode_rankings)
     demos = D.read_demonstrations(cfg.data.demonstrations_file) if cfg.data.demonstrations_file else []
-    train_set = D.encode_rankings(tok, records, cfg.data.max_length, cfg.data.append_eos)
-    eval_set = D.encode_rankings(tok, eval_records, cfg.data.max_length, cfg.data.append_eos)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # 2. reward model (SFT backbone + fresh scalar head) and DeepSpeed engine

@@ -77,13 +77,8 @@ def train(cfg: SFTConfig) -> dict:
 
     # 1. data: read and validate, hold out, tokenise
     tok = AutoTokenizer.from_pretrained(cfg.model)
-    records = D.read_demonstrations(cfg.data.train_file)
-    if cfg.data.eval_file:
-        eval_records = D.read_demonstrations(cfg.data.eval_file)
-    else:
-        records, eval_records = D.split_holdout(records, cfg.data.eval_fraction, cfg.train.seed)
-    train_set = D.encode_demonstrations(tok, records, cfg.data.max_length, cfg.data.append_eos)
-    eval_set = D.encode_demonstrations(tok, eval_records, cfg.data.max_length, cfg.data.append_eos)
+    train_set, eval_set = D.load_splits(tok, cfg.data, cfg.train.seed, D.read_demonstrations,
+                                        D.encode_demonstrations)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # 2. model and DeepSpeed engine
