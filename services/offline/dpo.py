@@ -62,13 +62,8 @@ class DPOConfig:
     deepspeed: E.DeepSpeedConfig = field(default_factory=E.DeepSpeedConfig, help="DeepSpeed")
 
     def validate(self) -> None:
-        E.require(self.model, "model")
-        E.require(self.output_dir, "output_dir")
-        E.require(self.data.train_file, "data.train_file")
+        E.validate_stage(self)
         self.dpo.validate()
-        self.train.validate()
-        self.optim.validate()
-        self.deepspeed.validate()
 
 
 def response_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,17 @@ def require(value: str, name: str) -> None:
         raise ConfigError(f"{name}: required")
 
 
+def validate_stage(cfg) -> None:
+    """The checks every offline stage config shares: model, output_dir, data.train_file are
+    set, and the train/optim/deepspeed sections are valid."""
+    require(cfg.model, "model")
+    require(cfg.output_dir, "output_dir")
+    require(cfg.data.train_file, "data.train_file")
+    cfg.train.validate()
+    cfg.optim.validate()
+    cfg.deepspeed.validate()
+
+
 # ---------------------------------------------------------------- DeepSpeed
 
 def _free_port() -> int:

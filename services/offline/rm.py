@@ -62,12 +62,7 @@ class RMConfig:
     deepspeed: E.DeepSpeedConfig = field(default_factory=E.DeepSpeedConfig, help="DeepSpeed")
 
     def validate(self) -> None:
-        E.require(self.model, "model")
-        E.require(self.output_dir, "output_dir")
-        E.require(self.data.train_file, "data.train_file")
-        self.train.validate()
-        self.optim.validate()
-        self.deepspeed.validate()
+        E.validate_stage(self)
 
 
 def load_reward_model(path: str, pad_token_id: int):

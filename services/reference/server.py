@@ -11,7 +11,7 @@ import sys
 from instructrl.config import ConfigError, parse_cli
 from instructrl.reference.config import ReferenceConfig
 from instructrl.reference.scorer import LogProbsInput, ReferenceScorer
-from instructrl.serving.batcher import DynamicBatcher
+from instructrl.serving.batcher import DynamicBatcher, torch_threads
 from instructrl.serving.server import GrpcServer
 from instructrl.v1 import reference_pb2, reference_pb2_grpc
 
@@ -47,7 +47,7 @@ class ReferenceServer:
 
     async def start(self) -> "ReferenceServer":
         self.batcher = await DynamicBatcher(self.scorer.forward, self.cfg.batching, "reference",
-                                            _thread_init(self.cfg.torch_threads)).start()
+                                            torch_threads(self.cfg.torch_threads)).start()
         servicer = ReferenceServicer(self.scorer, self.batcher)
         self.grpc = await GrpcServer("reference", self.cfg.server, [
             (reference_pb2_grpc.add_ReferenceServiceServicer_to_server, servicer, SERVICE_NAME)]).start()
@@ -70,20 +70,13 @@ class ReferenceServer:
             await self.stop()
 
 
-def _thread_init(n: int):
-    def init() -> None:
-        import torch
-        if n > 0:
-            torch.set_num_threads(n)
-    return init
-
 
 def main(argv: list[str]) -> int:
     cfg = parse_cli("instructrl serve reference", ReferenceConfig, argv, __doc__.splitlines()[0],
                     "server.port=50053")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        _thread_init(cfg.torch_threads)()
+        torch_threads(cfg.torch_threads)()
         server = ReferenceServer(cfg)  # loads the model before the port opens: SERVING means ready
     except ConfigError as e:
         print(f"instructrl serve reference: {e}", file=sys.stderr)

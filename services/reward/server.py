@@ -12,7 +12,7 @@ from instructrl.config import ConfigError, parse_cli
 from instructrl.reward.config import RewardConfig
 from instructrl.reward.normalization import RunningNormalizer
 from instructrl.reward.scorer import RewardScorer, ScoreInput, load_scorer
-from instructrl.serving.batcher import DynamicBatcher
+from instructrl.serving.batcher import DynamicBatcher, torch_threads
 from instructrl.serving.errors import InvalidArgument
 from instructrl.serving.server import GrpcServer
 from instructrl.v1 import reward_pb2, reward_pb2_grpc
@@ -70,7 +70,7 @@ class RewardServer:
 
     async def start(self) -> "RewardServer":
         self.batcher = await DynamicBatcher(self.scorer.forward, self.cfg.batching, "reward",
-                                            _thread_init(self.cfg.torch_threads)).start()
+                                            torch_threads(self.cfg.torch_threads)).start()
         servicer = RewardServicer(self.scorer, self.batcher, self.normalizer)
         self.grpc = await GrpcServer("reward", self.cfg.server, [
             (reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, SERVICE_NAME)]).start()
@@ -93,19 +93,12 @@ class RewardServer:
             await self.stop()
 
 
-def _thread_init(n: int):
-    def init() -> None:
-        import torch
-        if n > 0:
-            torch.set_num_threads(n)
-    return init
-
 
 def main(argv: list[str]) -> int:
     cfg = parse_cli("instructrl serve reward", RewardConfig, argv, __doc__.splitlines()[0], "server.port=50052")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        _thread_init(cfg.torch_threads)()
+        torch_threads(cfg.torch_threads)()
         server = RewardServer(cfg)  # loads the model before the port opens: SERVING means ready
     except ConfigError as e:
         print(f"instructrl serve reward: {e}", file=sys.stderr)

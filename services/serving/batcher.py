@@ -268,3 +268,13 @@ class DynamicBatcher(Generic[T, R]):
             self._queue.popleft()
         if not self._queue:
             self._max_len = 0
+
+
+def torch_threads(n: int):
+    """An initializer setting torch's intra-op threads to `n` (0 = torch's default), for the
+    batcher's forward thread and the process that loads the model."""
+    def init() -> None:
+        import torch
+        if n > 0:
+            torch.set_num_threads(n)
+    return init
