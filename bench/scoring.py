@@ -1,6 +1,7 @@
 """Reward scoring throughput: server-side dynamic batching on vs off, 32 concurrent clients.
 
     python bench/scoring.py [--clients 32] [--requests 20] [--rounds 3] [--threads 1] [--hidden 32]
+                            [--device cuda] [--no-split]
 
 Builds a tiny reward model in a temporary directory and starts the real service
 twice (`python -m instructrl.cli serve reward`, separate processes): one with
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -63,14 +65,20 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-def _batch_stats(metrics_port: int) -> tuple[float, float]:
-    """(sum, count) of the server's instructrl_batch_size histogram."""
+def _server_metrics(metrics_port: int) -> dict[str, float]:
+    """The server's batch-size histogram sum and count and its fitted per-pass overhead (tokens)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     vals = {}
     for line in text.splitlines():
-        for name in ("instructrl_batch_size_sum", "instructrl_batch_size_count"):
+        for name in ("instructrl_batch_size_sum", "instructrl_batch_size_count", "instructrl_batch_overhead_tokens"):
             if line.startswith(name + "{"):
                 vals[name] = float(line.rsplit(" ", 1)[1])
+    return vals
+
+
+def _batch_stats(metrics_port: int) -> tuple[float, float]:
+    """(sum, count) of the server's instructrl_batch_size histogram."""
+    vals = _server_metrics(metrics_port)
     return vals.get("instructrl_batch_size_sum", 0.0), vals.get("instructrl_batch_size_count", 0.0)
 
 
@@ -109,7 +117,9 @@ async def _bench(ports: dict[str, tuple[int, int]], vocab: int, args) -> dict[st
     for cs in clients.values():
         for c in cs:
             await c.close()
-    return {m: {"items_per_s": statistics.median(o["rates"]), "rates": o["rates"],
+    for m in MODES:
+        out[m]["overhead_tokens"] = _server_metrics(ports[m][1]).get("instructrl_batch_overhead_tokens", math.nan)
+    return {m: {"overhead_tokens": o["overhead_tokens"], "items_per_s": statistics.median(o["rates"]), "rates": o["rates"],
                 "p50_ms": 1000 * statistics.median(o["latencies"]),
                 "p99_ms": 1000 * _percentile(o["latencies"], 99),
                 "mean_batch_size": o["batch_sum"] / max(o["batches"], 1)} for m, o in out.items()}
@@ -121,7 +131,8 @@ def _start(model_dir: str, batching: bool, args) -> tuple[subprocess.Popen, int,
     cmd = [sys.executable, "-m", "instructrl.cli", "serve", "reward", f"model={model_dir}",
            f"server.port={port}", f"server.metrics_port={metrics_port}", f"torch_threads={args.threads}",
            f"batching.enabled={str(batching).lower()}", f"batching.max_wait_ms={args.max_wait_ms}",
-           f"batching.max_batch_size={args.max_batch_size}"]
+           f"batching.max_batch_size={args.max_batch_size}", f"device={args.device}",
+           f"batching.split_by_length={str(not args.no_split).lower()}"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, metrics_port
 
 
@@ -136,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=32, help="width of the tiny reward model (32, 64, 128, ...)")
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device of both servers (cpu, cuda)")
+    p.add_argument("--no-split", action="store_true", help="turn off padding-aware sub-batches")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench_scoring_") as tmp:
@@ -170,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "p50_ms": round(b["p50_ms"], 2), "p99_ms": round(b["p99_ms"], 2),
         "unbatched_p50_ms": round(u["p50_ms"], 2), "unbatched_p99_ms": round(u["p99_ms"], 2),
         "mean_batch_size": round(b["mean_batch_size"], 1), "clients": args.clients,
+        "fitted_overhead_tokens": None if math.isnan(b["overhead_tokens"]) else round(b["overhead_tokens"]),
+        "split_by_length": not args.no_split, "device": args.device,
         "items_per_mode": args.clients * args.requests * args.rounds, "server_threads": args.threads,
         "hidden": args.hidden, "layers": args.layers,
     }))

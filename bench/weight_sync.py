@@ -17,7 +17,10 @@ one warm-up round of each runs first. A round's time is the slower side's wall t
 (start aligned by a barrier); the median of the rounds is reported. The last line
 printed is JSON.
 
-  python bench/weight_sync.py [--bucket-mb 64] [--rounds 3] [--dtype float32]
+  python bench/weight_sync.py [--bucket-mb 64] [--rounds 3] [--dtype float32] [--backend nccl]
+
+`--backend nccl` runs the same three methods between two GPUs (rank r on cuda:r; NCCL
+refuses two ranks on one GPU, so it needs a machine with at least two).
 """
 from __future__ import annotations
 
@@ -54,35 +57,46 @@ def build(dtype: torch.dtype, meta: bool):
     return model.to(dtype) if not meta else model
 
 
-def _timed(pg, fn) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(pg, fn, device: torch.device) -> float:
     """Run `fn` on both ranks between barriers; returns the slower rank's seconds."""
     pg.barrier().wait()
+    _sync(device)
     t0 = time.perf_counter()
     fn()
+    _sync(device)  # NCCL's wait() only orders streams; the host waits here
     dt = time.perf_counter() - t0
-    both = torch.tensor([dt], dtype=torch.float64)
-    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(pg.size())]
+    both = torch.tensor([dt], dtype=torch.float64, device=device)
+    gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(pg.size())]
     pg.allgather([gathered], [both]).wait()
+    _sync(device)
     return max(g[0].item() for g in gathered)
 
 
 def run(rank: int, port: int, args) -> dict | None:
     dtype = getattr(torch, args.dtype)
     init = f"tcp://127.0.0.1:{port}"
+    device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if rank == 0:
-        model = build(dtype, meta=False)
+        model = build(dtype, meta=False).to(device)
         named = [(n, p.detach()) for n, p in model.named_parameters()]
         meta = param_meta(named)
-        ep = WeightSender(init, 2, "gloo", 600, group_id="bench")
+        ep = WeightSender(init, 2, args.backend, 600, group_id="bench", device=device)
     else:
         meta = [(n, dtype, tuple(p.shape)) for n, p in build(dtype, meta=True).named_parameters()]
-        ep = WeightReceiver(init, 1, 2, "gloo", 600, group_id="bench")
+        ep = WeightReceiver(init, 1, 2, args.backend, 600, group_id="bench", device=device)
     manifest = plan_buckets(meta, args.bucket_mb * 1024 * 1024)
     nbytes = total_bytes(manifest)
     # Every method gets its receive memory once, before the rounds (as a live replica keeps it).
-    flat = torch.zeros(nbytes, dtype=torch.uint8)
+    flat = torch.zeros(nbytes, dtype=torch.uint8, device=device)
     if rank != 0:
-        named = [(n, torch.zeros(shape, dtype=dt)) for n, dt, shape in meta]
+        named = [(n, torch.zeros(shape, dtype=dt, device=device)) for n, dt, shape in meta]
 
     def bucketed():
         if rank == 0:
@@ -98,7 +112,7 @@ def run(rank: int, port: int, args) -> dict | None:
         for _, t in named:
             wg.broadcast(ep.pg, t, 600).wait()
 
-    tiny = torch.zeros(1)
+    tiny = torch.zeros(1, device=device)
 
     def small_ops():  # latency of one tiny broadcast: what per-parameter sending pays per tensor
         for _ in range(200):
@@ -106,18 +120,19 @@ def run(rank: int, port: int, args) -> dict | None:
 
     fns = {"bucketed": bucketed, "raw": raw, "per_param": per_param}
     for m in METHODS:  # warm-up: connections, first touch of every buffer
-        _timed(ep.pg, fns[m])
+        _timed(ep.pg, fns[m], device)
     times = {m: [] for m in METHODS}
     for _ in range(args.rounds):
         for m in METHODS:
-            times[m].append(_timed(ep.pg, fns[m]))
-    op_latency_s = _timed(ep.pg, small_ops) / 200
+            times[m].append(_timed(ep.pg, fns[m], device))
+    op_latency_s = _timed(ep.pg, small_ops, device) / 200
     ep.close()
     if rank != 0:
         return None
     med = {m: statistics.median(v) for m, v in times.items()}
     return {
-        "bench": "weight_sync", "backend": "gloo", "transport": "loopback, 2 processes",
+        "bench": "weight_sync", "backend": args.backend,
+        "transport": "loopback, 2 processes" if args.backend == "gloo" else "cuda:0 -> cuda:1, 2 processes",
         "params": sum(p.numel() for _, p in named), "tensors": len(named), "dtype": args.dtype,
         "bytes": nbytes, "bucket_mb": args.bucket_mb, "buckets": len(manifest.buckets), "rounds": args.rounds,
         **{f"{m}_s": round(med[m], 4) for m in METHODS},
@@ -135,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bucket-mb", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -142,11 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.rank == 1:
         run(1, args.port, args)
         return 0
+    if args.backend == "nccl" and (not torch.cuda.is_available() or torch.cuda.device_count() < 2):
+        print("bench/weight_sync.py: --backend nccl needs a CUDA build of torch and at least two GPUs "
+              f"(found {torch.cuda.device_count() if torch.cuda.is_available() else 0})", file=sys.stderr)
+        return 2
     probe = wg.host_store("127.0.0.1", 0, 5)  # find a free port for rank 0's store
     port = probe.port
     del probe
     child = subprocess.Popen([sys.executable, __file__, "--rank", "1", "--port", str(port),
-                              "--bucket-mb", str(args.bucket_mb), "--rounds", str(args.rounds), "--dtype", args.dtype])
+                              "--bucket-mb", str(args.bucket_mb), "--rounds", str(args.rounds), "--dtype", args.dtype,
+                              "--backend", args.backend])
     try:
         result = run(0, port, args)
     finally:

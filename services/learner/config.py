@@ -98,6 +98,8 @@ class SyncConfig:
     timeout_s: float = field(60.0, help="a broadcast never waits longer than this")
     bucket_mb: int = field(64, help="size cap of one broadcast bucket (MiB)")
     every: int = field(1, help="sync every N iterations")
+    evict_after_failures: int = field(3, help="forget a registered replica after this many consecutive failed "
+                                              "syncs (a live worker re-registers; 0 = never)")
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ class Control:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._replicas: dict[str, str] = {}  # replica_id -> host:port of its RolloutService
+        self._failures: dict[str, int] = {}  # replica_id -> consecutive failed syncs
         self._status = Status()
         self._saves: list[tuple[str, concurrent.futures.Future]] = []
         self.stop = threading.Event()
@@ -37,12 +38,36 @@ class Control:
         if not replica_id or not address:
             raise ValueError("replica_id and address are required")
         with self._lock:
+            if self._replicas.get(replica_id) != address:
+                self._failures.pop(replica_id, None)  # a new address starts with a clean record
             self._replicas[replica_id] = address
             return self._status.policy_version
 
     def unregister(self, replica_id: str) -> None:
         with self._lock:
             self._replicas.pop(replica_id, None)
+            self._failures.pop(replica_id, None)
+
+    def record_sync(self, ok: list[str], failed: list[str], evict_after: int) -> list[str]:
+        """Count consecutive failed syncs per replica (by address); forget a replica after `evict_after`.
+
+        Returns the evicted replica ids. A worker whose replica is alive re-registers within
+        its `register_interval_s`, so eviction only stops probing a replica that is gone.
+        `evict_after` 0 never evicts.
+        """
+        ok_set, failed_set = set(ok), set(failed)
+        evicted = []
+        with self._lock:
+            for rid, address in list(self._replicas.items()):
+                if address in ok_set:
+                    self._failures.pop(rid, None)
+                elif address in failed_set:
+                    self._failures[rid] = n = self._failures.get(rid, 0) + 1
+                    if evict_after > 0 and n >= evict_after:
+                        del self._replicas[rid]
+                        del self._failures[rid]
+                        evicted.append(rid)
+        return evicted
 
     def replicas(self) -> dict[str, str]:
         with self._lock:

@@ -240,6 +240,10 @@ def train(cfg: LearnerConfig, *, control: Control | None = None, sync_fn: SyncFn
                     sync_result = sync_fn(lambda: iter(params), counters["policy_version"])
                     metrics.record_sync(sync_result.seconds, sync_result.bytes, len(sync_result.replicas_ok),
                                         len(sync_result.replicas_failed))
+                    for rid in control.record_sync(sync_result.replicas_ok, sync_result.replicas_failed,
+                                                   cfg.sync.evict_after_failures):
+                        log.warning("replica %s failed %d syncs in a row; forgotten until it registers again",
+                                    rid, cfg.sync.evict_after_failures)
                 except Exception:  # noqa: BLE001
                     log.exception("weight sync of v%d failed", counters["policy_version"])
                     metrics.SYNC_FAILURES.inc()

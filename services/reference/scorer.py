@@ -9,7 +9,8 @@ For a sequence `x` (prompt followed by response) whose response starts at `s`,
 
 in float32, with the model in float32 eval mode and no grad: the same numbers as a
 plain transformers forward of the unpadded sequence (within 1e-5). Batches are
-right-padded with an attention mask, so padding never changes a real token's logits.
+right-padded, so padding never changes a real token's logits (a causal model needs
+no attention mask for that, models/padding.py).
 The PPO learner uses them for the KL penalty to the SFT model (InstructGPT eq. 2).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Sequence
 import torch
 
 from instructrl.config import ConfigError
+from instructrl.models.padding import is_causal, padding_mask, right_pad
 from instructrl.reference.config import ReferenceConfig
 from instructrl.serving.errors import InvalidArgument
 
@@ -51,6 +53,7 @@ class ReferenceScorer:
         self.name = cfg.name or pathlib.Path(cfg.model).name
         # skip the LM head on prompt positions where the model allows it
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.causal = is_causal(self.model)  # right padding then needs no attention mask
 
     def prepare(self, inputs: Sequence[LogProbsInput]) -> tuple[list[LogProbsInput], list[int]]:
         """Validate one request: INVALID_ARGUMENT names the item and field of the first problem."""
@@ -77,16 +80,13 @@ class ReferenceScorer:
     @torch.inference_mode()
     def forward(self, batch: list[LogProbsInput]) -> list[list[float]]:
         """Per item, the T_i = len - response_start float32 log-probs of its response tokens."""
-        lengths = torch.tensor([len(x.token_ids) for x in batch])                      # (B,)
-        L = int(lengths.max())
-        input_ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long)         # (B, L)
-        for i, x in enumerate(batch):                                                  # right padding
-            input_ids[i, :len(x.token_ids)] = torch.tensor(x.token_ids, dtype=torch.long)
-        mask = torch.arange(L)[None, :] < lengths[:, None]                             # (B, L)
+        input_ids, lengths = right_pad([x.token_ids for x in batch], self.pad_id)    # (B, L), (B,)
+        L = input_ids.shape[1]
+        mask = padding_mask(lengths, self.causal)                                      # (B, L) or None
         input_ids = input_ids.to(self.device)
         first = min(x.response_start for x in batch) - 1  # earliest position whose logits are needed
         kw = {"logits_to_keep": L - first} if self._logits_to_keep else {}
-        logits = self.model(input_ids=input_ids, attention_mask=mask.long().to(self.device),
+        logits = self.model(input_ids=input_ids, attention_mask=None if mask is None else mask.to(self.device),
                             use_cache=False, **kw).logits                              # (B, K, V)
         offset = L - logits.shape[1]  # logits[:, j] are those of position offset + j
         out = []

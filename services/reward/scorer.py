@@ -6,7 +6,8 @@ The model input is `prompt_ids + response_ids` (text is tokenized part by part,
 no special tokens added, then concatenated). As in InstructGPT (Ouyang et al.
 2022, sec. 3.5) the reward is the scalar head read at the last token of the
 response; batches are right-padded and each row's score is read at position
-`length - 1` with an attention mask, never by searching for the pad id.
+`length - 1`, never by searching for the pad id. A causal model needs no attention
+mask for right padding (models/padding.py); a bidirectional one gets the mask.
 
 A scorer has two steps so that the server can batch across requests:
 `prepare(inputs)` validates and tokenizes one request (raising `InvalidArgument`
@@ -25,6 +26,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 
 from instructrl.config import ConfigError
+from instructrl.models.padding import is_causal, padding_mask, right_pad
 from instructrl.reward.config import RewardConfig
 from instructrl.serving.errors import InvalidArgument
 
@@ -98,6 +100,7 @@ class ModelReward:
         self.max_seq_len = cfg.max_seq_len or int(text_cfg.max_position_embeddings)
         self.pad_id = text_cfg.pad_token_id if text_cfg.pad_token_id is not None else 0
         self.name = cfg.name or pathlib.Path(cfg.model).name
+        self.causal = is_causal(self.model)  # right padding then needs no attention mask
 
     def _ids(self, seq: str | Sequence[int], where: str) -> list[int]:
         if isinstance(seq, str):
@@ -124,13 +127,10 @@ class ModelReward:
 
     @torch.inference_mode()
     def forward(self, batch: list[list[int]]) -> list[float]:
-        lengths = torch.tensor([len(ids) for ids in batch])                            # (B,)
-        input_ids = torch.full((len(batch), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, L)
-        for i, ids in enumerate(batch):                                                # right padding
-            input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]           # (B, L)
+        input_ids, lengths = right_pad(batch, self.pad_id)                            # (B, L), (B,)
+        mask = padding_mask(lengths, self.causal)                                      # (B, L) or None
         hidden = self.model.base_model(input_ids=input_ids.to(self.device),
-                                       attention_mask=mask.long().to(self.device),
+                                       attention_mask=None if mask is None else mask.to(self.device),
                                        use_cache=False).last_hidden_state               # (B, L, H)
         last = hidden[torch.arange(len(batch)), lengths - 1]                           # (B, H) last real token
         return self.model.score(last).squeeze(-1).float().cpu().tolist()               # (B,)

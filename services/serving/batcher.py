@@ -20,9 +20,16 @@ With `enabled=False` no two requests share a forward pass and nothing waits: a
 request's items run together (split by the same limits), the baseline of
 `bench/scoring.py`.
 
+Padding-aware sub-batches (`split_by_length`, on by default): a batch taken from
+the queue is sorted by length and run as the sub-batches that minimise the
+estimated time, `sum(a + b * items * longest)`, with `a` (fixed cost of a pass)
+and `b` (cost of a padded token) fitted online from the measured passes
+(length_split.py). A model dominated by per-pass overhead keeps one pass; a
+compute-bound one stops paying for padding. Shortest sub-batches run first.
+
 The forward function returns one result per item, in order; a result that is
 an `Exception` fails only its own item (e.g. a rule-based reward rejecting one
-input), an exception raised by the forward fails the whole batch.
+input), an exception raised by the forward fails the items of that pass.
 """
 from __future__ import annotations
 
@@ -31,13 +38,15 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from instructrl.config import field
 from instructrl.serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from instructrl.serving.length_split import CostModel, split_by_length
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,9 @@ BATCH_SIZE = Histogram(
     "instructrl_batch_size", "items per forward pass", ["service"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 BATCH_TOKENS = Counter("instructrl_batch_tokens", "tokens processed (rate = tokens/s)", ["service"])
+BATCH_OVERHEAD = Gauge(
+    "instructrl_batch_overhead_tokens", "fitted fixed cost of one forward pass, in padded tokens "
+    "(a / b; NaN until fitted)", ["service"])
 BATCH_WAIT = Histogram(
     "instructrl_batch_wait_seconds", "time an item waited for its batch", ["service"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
@@ -62,6 +74,8 @@ class BatchingConfig:
     max_batch_size: int = field(64, help="max items in one forward pass")
     max_wait_ms: float = field(5.0, help="how long the oldest queued item may wait for a fuller batch")
     max_queue: int = field(4096, help="max items waiting; beyond it requests get RESOURCE_EXHAUSTED")
+    split_by_length: bool = field(True, help="run a batch as length-sorted sub-batches where the fitted "
+                                             "cost model says that is faster than padding")
 
     def validate(self) -> None:
         from instructrl.config import ConfigError
@@ -105,6 +119,9 @@ class DynamicBatcher(Generic[T, R]):
         self._batch_size = BATCH_SIZE.labels(service)
         self._tokens = BATCH_TOKENS.labels(service)
         self._wait = BATCH_WAIT.labels(service)
+        self.cost = CostModel()  # seconds of a forward pass vs its padded tokens
+        self._overhead = BATCH_OVERHEAD.labels(service)
+        self._overhead.set(math.nan)
 
     # ---- public API ---------------------------------------------------------------------------
     async def start(self) -> "DynamicBatcher[T, R]":
@@ -192,22 +209,42 @@ class DynamicBatcher(Generic[T, R]):
             now = time.monotonic()
             for e in batch:
                 self._wait.observe(now - e.enqueued)
-            self._batch_size.observe(len(batch))
-            self._tokens.inc(sum(e.length for e in batch))
-            try:
-                results = await loop.run_in_executor(self._executor, self._forward, [e.item for e in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"forward returned {len(results)} results for {len(batch)} items")
-            except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
-                log.exception("%s: forward of %d items failed", self.service, len(batch))
-                results = [exc] * len(batch)
-            for e, r in zip(batch, results):
-                if e.future.done():  # the caller gave up meanwhile
-                    continue
-                if isinstance(r, BaseException):
-                    e.future.set_exception(r)
-                else:
-                    e.future.set_result(r)
+            lengths = [e.length for e in batch]
+            overhead = self.cost.overhead_tokens() if self.cfg.split_by_length else None
+            for group in split_by_length(lengths, overhead):
+                await self._run_pass(loop, [batch[i] for i in group])
+
+    async def _run_pass(self, loop: asyncio.AbstractEventLoop, batch: list[_Entry]) -> None:
+        """One forward pass over `batch`; delivers its results and feeds the cost model."""
+        batch = [e for e in batch if not e.future.done()]  # callers gone while an earlier pass ran
+        if not batch:
+            return
+        self._batch_size.observe(len(batch))
+        self._tokens.inc(sum(e.length for e in batch))
+        try:
+            results, seconds = await loop.run_in_executor(self._executor, self._timed_forward,
+                                                          [e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"forward returned {len(results)} results for {len(batch)} items")
+            self.cost.observe(len(batch) * max(e.length for e in batch), seconds)
+            fitted = self.cost.overhead_tokens()
+            self._overhead.set(math.nan if fitted is None else fitted)
+        except Exception as exc:  # noqa: BLE001 - handed to every caller of the pass
+            log.exception("%s: forward of %d items failed", self.service, len(batch))
+            results = [exc] * len(batch)
+        for e, r in zip(batch, results):
+            if e.future.done():  # the caller gave up meanwhile
+                continue
+            if isinstance(r, BaseException):
+                e.future.set_exception(r)
+            else:
+                e.future.set_result(r)
+
+    def _timed_forward(self, items: list) -> tuple[Sequence, float]:
+        """Runs on the forward thread: the results and the pass's own seconds."""
+        t0 = time.perf_counter()
+        results = self._forward(items)
+        return results, time.perf_counter() - t0
 
     async def _sleep(self, timeout: float | None) -> None:
         """Until `submit` or `close` wakes the loop, or `timeout` seconds pass."""

@@ -16,7 +16,7 @@ from instructrl.learner.server import ServerThread
 from instructrl.serving.client import ClientConfig, sync_channel
 from instructrl.serving.server import ServerConfig
 from instructrl.v1 import learner_pb2, learner_pb2_grpc
-from learner_testkit import build_tiny, config, random_records
+from learner_testkit import build_tiny, config, free_port, random_records
 
 
 def test_learner_service_rpcs():
@@ -131,3 +131,37 @@ def test_resume_under_zero_continues_the_same_curve(tmp_path, redis_url, run_id,
                          for n in ("straight", "resumed"))
     for key in ("policy_loss", "value_loss", "approx_kl", "reward_mean", "entropy"):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key
+
+
+def test_record_sync_evicts_after_consecutive_failures():
+    control = Control()
+    control.register("a", "h:1")
+    control.register("b", "h:2")
+    assert control.record_sync(["h:1"], ["h:2"], evict_after=2) == []
+    assert control.record_sync(["h:2"], [], evict_after=2) == []        # a success clears b's count
+    assert control.record_sync([], ["h:1", "h:2"], evict_after=2) == []
+    assert control.record_sync(["h:1"], ["h:2"], evict_after=2) == ["b"]  # two in a row
+    assert control.replicas() == {"a": "h:1"}
+    control.register("b", "h:2")                                        # it came back: a clean record
+    assert control.record_sync(["h:1"], ["h:2"], evict_after=2) == []
+    control.register("a", "h:9")                                        # moved: the old count is gone
+    assert control.record_sync([], ["h:9", "h:2"], evict_after=0) == []  # 0 never evicts
+    assert control.replicas() == {"a": "h:9", "b": "h:2"}
+
+
+def test_learner_forgets_a_dead_replica_after_failed_syncs(tmp_path, redis_url, run_id):
+    """A real learner and weight-sync coordinator; the replica's port refuses connections."""
+    cfg = config(tmp_path, build_tiny(tmp_path / "sft"), redis_url, run_id, batch_size=4, minibatch_size=4,
+                 micro_batch_size=2, max_steps=4)
+    cfg.sync.enabled, cfg.sync.backend, cfg.sync.master_port, cfg.sync.timeout_s = True, "gloo", 0, 10
+    cfg.sync.evict_after_failures = 3
+    with ExperienceBuffer.open(cfg.buffer) as buf:
+        buf.put(random_records(16, vocab=300, seed=7))
+    control = Control()
+    control.register("gone", f"127.0.0.1:{free_port()}")  # nothing listens there
+    status = train(cfg, control=control)
+    assert status.policy_version == 4
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # probed and reported 3 times, then forgotten: with no replica left the 4th step syncs nothing
+    assert [x.get("sync_replicas_failed") for x in lines] == [1, 1, 1, None], lines
+    assert control.replicas() == {}
