@@ -21,7 +21,7 @@ no more than `c`: no split can then save anything.
 `CostModel` fits (1) online by exponentially weighted least squares of measured
 forward seconds on padded tokens. Fitted in the reward service on this project's
 2-core CPU machine (`bench/scoring.py`, docs/services.md): a 2-layer width-32 model
-has `c` of about 5000 tokens (batches run whole), width 128 about 100 (batches of 16
+has `c` of 5,000-50,000 tokens (batches run whole), width 128 100-150 (batches of 16
 mixed-length items, 24-96 tokens, run as 2-4 sorted sub-batches, which took 25-30%
 less time than one padded pass).
 """
