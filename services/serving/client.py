@@ -1,4 +1,13 @@
-"""Client channels with the same TLS/token options the servers take."""
+"""Client channels with the same TLS/token options the servers take.
+
+In a pod, unset TLS fields fall back to the pod's certificate mount, as the token falls
+back to $INSTRUCTRL_TOKEN (the Helm chart sets these; explicit fields always win):
+
+    $INSTRUCTRL_TLS_DIR          ca.crt verifies the server (TLS on); tls.crt/tls.key are ours
+    $INSTRUCTRL_MTLS=true        present tls.crt/tls.key as the client certificate
+    $INSTRUCTRL_TLS_SERVER_NAME  the name to expect in the server's certificate (replicas are
+                                 reached by pod IP, which no certificate can list in advance)
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -13,12 +22,34 @@ from instructrl.config import field
 @dataclasses.dataclass
 class ClientConfig:
     address: str = field("127.0.0.1:50051", help="host:port of the service")
-    ca_file: str = field("", help="PEM CA to verify the server; empty = plaintext")
-    cert_file: str = field("", help="client certificate for mTLS")
-    key_file: str = field("", help="client key for mTLS")
+    ca_file: str = field("", help="PEM CA to verify the server; empty = $INSTRUCTRL_TLS_DIR/ca.crt when "
+                                   "that is set, else plaintext")
+    cert_file: str = field("", help="client certificate for mTLS; empty = $INSTRUCTRL_TLS_DIR/tls.crt "
+                                    "when $INSTRUCTRL_MTLS is true")
+    key_file: str = field("", help="client key for mTLS; empty = $INSTRUCTRL_TLS_DIR/tls.key when "
+                                   "$INSTRUCTRL_MTLS is true")
     token: str = field("", help="bearer token; also read from $INSTRUCTRL_TOKEN")
     timeout_s: float = field(60.0, help="default deadline of a call")
-    server_name_override: str = field("", help="TLS server name to expect (tests, IP addresses)")
+    server_name_override: str = field("", help="TLS server name to expect (IP addresses, tests); "
+                                               "empty = $INSTRUCTRL_TLS_SERVER_NAME")
+
+
+TLS_DIR_ENV, MTLS_ENV, SERVER_NAME_ENV = "INSTRUCTRL_TLS_DIR", "INSTRUCTRL_MTLS", "INSTRUCTRL_TLS_SERVER_NAME"
+
+
+def resolve_tls(cfg: ClientConfig, env: dict[str, str] | None = None) -> ClientConfig:
+    """`cfg` with its unset TLS fields taken from the pod's environment (see the module doc)."""
+    env = os.environ if env is None else env
+    tls_dir = env.get(TLS_DIR_ENV, "")
+    if not tls_dir or cfg.ca_file:  # explicitly configured, or no mounted certificates
+        return cfg
+    d = pathlib.Path(tls_dir)
+    mtls = env.get(MTLS_ENV, "").lower() in ("1", "true", "yes")
+    return dataclasses.replace(
+        cfg, ca_file=str(d / "ca.crt"),
+        cert_file=cfg.cert_file or (str(d / "tls.crt") if mtls else ""),
+        key_file=cfg.key_file or (str(d / "tls.key") if mtls else ""),
+        server_name_override=cfg.server_name_override or env.get(SERVER_NAME_ENV, ""))
 
 
 class _TokenAuth(grpc.AuthMetadataPlugin):
@@ -67,6 +98,7 @@ class _PlainTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Unar
 
 def aio_channel(cfg: ClientConfig, max_message_mb: int = 64) -> grpc.aio.Channel:
     """An asyncio channel to `cfg.address` with TLS/mTLS and token as configured."""
+    cfg = resolve_tls(cfg)
     creds, token = _credentials(cfg)
     opts = _options(cfg, max_message_mb)
     if creds is not None:
@@ -77,6 +109,7 @@ def aio_channel(cfg: ClientConfig, max_message_mb: int = 64) -> grpc.aio.Channel
 
 def sync_channel(cfg: ClientConfig, max_message_mb: int = 64) -> grpc.Channel:
     """A blocking channel with the same options (CLI tools, the learner's control RPCs)."""
+    cfg = resolve_tls(cfg)
     creds, token = _credentials(cfg)
     opts = _options(cfg, max_message_mb)
     if creds is not None:

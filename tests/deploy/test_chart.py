@@ -42,6 +42,8 @@ BAD_VALUES = {
     "KEDA and HPA together": {"rollout": {"autoscaling": {"keda": {"enabled": True}, "hpa": {"enabled": True}}}},
     "TLS without certificates": {"tls": {"enabled": True}},
     "mTLS without TLS": {"tls": {"mtls": True, "existingSecret": "certs"}},
+    "TLS without the server name": {"tls": {"enabled": True, "existingSecret": "certs"}},
+    "server name not a DNS name": {"tls": {"enabled": True, "existingSecret": "certs", "serverName": "a b"}},
     "external Redis without URL": {"redis": {"mode": "external"}},
     "unknown Redis mode": {"redis": {"mode": "cluster"}},
     "non-Redis URL": {"redis": {"mode": "external", "external": {"url": "http://x"}}},
@@ -177,6 +179,11 @@ def test_defaults(rendered):
     assert worker["args"][:3] == ["rollout-worker", "--config", "/etc/instructrl/config.yaml"]
     assert "nvidia.com/gpu" not in worker.get("resources", {}).get("limits", {})
     assert ds.env_of(worker)["INSTRUCTRL_ROLLOUT_ADDRESS"]["value"] == "127.0.0.1:50051"
+    # the worker registers the pod's address with the learner, not its own loopback one
+    assert ds.env_of(worker)["INSTRUCTRL_ADVERTISE_ADDRESS"]["value"] == "$(POD_IP):50051"
+    assert "rollout_advertise=$(INSTRUCTRL_ADVERTISE_ADDRESS)" in worker["args"]
+    names = [e["name"] for e in worker["env"]]  # $(POD_IP) expands only if defined before
+    assert names.index("POD_IP") < names.index("INSTRUCTRL_ADVERTISE_ADDRESS")
     assert ds.env_of(worker)["INSTRUCTRL_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "password"
     # bundled Redis: AOF on a PVC, URL and password in one Secret
     redis = r.get("StatefulSet", "-redis")
@@ -251,7 +258,13 @@ def test_tls_and_token(rendered, scenario):
         assert {"server.health_port=50050", "server.tls.cert_file=/etc/instructrl/tls/tls.crt",
                 f"server.tls.require_client_auth={str(mtls).lower()}"} <= set(c["args"])
         assert ds.env_of(c)["INSTRUCTRL_TLS_DIR"]["value"] == "/etc/instructrl/tls"
+        assert ds.env_of(c)["INSTRUCTRL_TLS_SERVER_NAME"]["value"] == "instructrl.internal"
         assert "secretKeyRef" in ds.env_of(c)["INSTRUCTRL_TOKEN"]["valueFrom"]
+    # the worker's clients (reward, reference, learner, its rollout service) take TLS from the mount
+    worker = ds.containers(r.get("Deployment", "-rollout"))["worker"]
+    assert ds.env_of(worker)["INSTRUCTRL_TLS_DIR"]["value"] == "/etc/instructrl/tls"
+    assert ds.env_of(worker)["INSTRUCTRL_MTLS"]["value"] == str(mtls).lower()
+    assert any(m["name"] == "tls" and m["mountPath"] == "/etc/instructrl/tls" for m in worker["volumeMounts"])
     pod = r.get("Deployment", "-reward")["spec"]["template"]["spec"]
     tls_volume = next(v for v in pod["volumes"] if v["name"] == "tls")
     if scenario == "tls":

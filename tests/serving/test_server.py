@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from instructrl.serving.client import ClientConfig, aio_channel
+from instructrl.serving.client import ClientConfig, aio_channel, sync_channel
 from instructrl.serving.errors import ResourceExhausted
 from instructrl.serving.server import GrpcServer, ServerConfig, TLSConfig
 from instructrl.v1 import reference_pb2, reference_pb2_grpc
@@ -124,4 +124,61 @@ def test_mtls_and_plaintext_health_port(tmp_path):
             await reference_pb2_grpc.ReferenceServiceStub(plain).LogProbs(_req(1))
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
         await srv.stop(0)
+    asyncio.run(main())
+
+
+def test_client_tls_from_the_pod_environment():
+    """The chart's layout: one certificate for every role at $INSTRUCTRL_TLS_DIR, named for no address."""
+    from instructrl.serving.client import resolve_tls
+
+    env = {"INSTRUCTRL_TLS_DIR": "/etc/instructrl/tls", "INSTRUCTRL_MTLS": "true",
+           "INSTRUCTRL_TLS_SERVER_NAME": "instructrl.internal"}
+    got = resolve_tls(ClientConfig(address="10.0.0.7:50051"), env)
+    assert (got.ca_file, got.cert_file, got.key_file, got.server_name_override) == (
+        "/etc/instructrl/tls/ca.crt", "/etc/instructrl/tls/tls.crt", "/etc/instructrl/tls/tls.key",
+        "instructrl.internal")
+    tls_only = resolve_tls(ClientConfig(), {"INSTRUCTRL_TLS_DIR": "/t", "INSTRUCTRL_MTLS": "false"})
+    assert (tls_only.ca_file, tls_only.cert_file, tls_only.server_name_override) == ("/t/ca.crt", "", "")
+    explicit = ClientConfig(ca_file="/mine/ca.pem")
+    assert resolve_tls(explicit, env) == explicit           # configured fields win
+    assert resolve_tls(ClientConfig(), {}) == ClientConfig()  # no mount: plaintext
+
+
+def test_mtls_with_the_mounted_certificate_over_real_sockets(tmp_path, monkeypatch):
+    def run(*a):
+        subprocess.run(a, check=True, capture_output=True, cwd=tmp_path)
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=test-ca")
+    # one certificate for servers and clients alike, valid for a name and not for the address used
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr",
+        "-subj", "/CN=instructrl", "-addext", "subjectAltName=DNS:instructrl.internal",
+        "-addext", "extendedKeyUsage=serverAuth,clientAuth")
+    run("openssl", "x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "tls.crt", "-days", "2", "-copy_extensions", "copy")
+    tls = TLSConfig.from_dir(str(tmp_path), mtls=True)
+
+    async def main():
+        srv = await _start(ServerConfig(port=0, metrics_port=-1, tls=tls)).start()
+        addr = f"127.0.0.1:{srv.port}"
+        try:
+            monkeypatch.setenv("INSTRUCTRL_TLS_DIR", str(tmp_path))
+            monkeypatch.setenv("INSTRUCTRL_MTLS", "true")
+            monkeypatch.setenv("INSTRUCTRL_TLS_SERVER_NAME", "instructrl.internal")
+            async with aio_channel(ClientConfig(address=addr)) as ch:  # nothing configured but the address
+                assert (await reference_pb2_grpc.ReferenceServiceStub(ch).LogProbs(_req(1), timeout=10)).results
+
+            def blocking():  # the learner's control RPCs to the replicas use the blocking channel
+                with sync_channel(ClientConfig(address=addr)) as ch:
+                    return reference_pb2_grpc.ReferenceServiceStub(ch).LogProbs(_req(1), timeout=10)
+            assert (await asyncio.to_thread(blocking)).results
+            monkeypatch.delenv("INSTRUCTRL_TLS_SERVER_NAME")  # the address is not in the certificate
+            async with aio_channel(ClientConfig(address=addr)) as ch:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await reference_pb2_grpc.ReferenceServiceStub(ch).LogProbs(_req(1), timeout=5)
+            monkeypatch.delenv("INSTRUCTRL_TLS_DIR")  # plaintext against a TLS server
+            async with aio_channel(ClientConfig(address=addr)) as ch:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await reference_pb2_grpc.ReferenceServiceStub(ch).LogProbs(_req(1), timeout=5)
+        finally:
+            await srv.stop(0)
     asyncio.run(main())

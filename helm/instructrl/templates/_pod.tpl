@@ -40,6 +40,8 @@ The addresses are host:port inside the cluster; $(VAR) in args expands them.
   value: /etc/instructrl/tls
 - name: INSTRUCTRL_MTLS
   value: {{ $ctx.Values.tls.mtls | quote }}
+- name: INSTRUCTRL_TLS_SERVER_NAME
+  value: {{ $ctx.Values.tls.serverName | quote }}
 {{- end }}
 {{- if $ctx.Values.auth.token.enabled }}
 - name: INSTRUCTRL_TOKEN
@@ -282,6 +284,9 @@ spec:
         # This pod's rollout service, over loopback.
         - name: INSTRUCTRL_ROLLOUT_ADDRESS
           value: {{ printf "127.0.0.1:%d" (int $ctx.Values.ports.grpc) }}
+        # Where the learner reaches this pod's rollout service (what the worker registers).
+        - name: INSTRUCTRL_ADVERTISE_ADDRESS
+          value: {{ printf "$(POD_IP):%d" (int $ctx.Values.ports.grpc) }}
         {{- include "instructrl.redisEnv" $ctx | trim | nindent 8 }}
         {{- with $w.extraEnv }}
         {{- toYaml . | nindent 8 }}
