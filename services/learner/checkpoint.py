@@ -7,6 +7,9 @@ Layout of `<dir>/step-NNNNNNNN/` (one per saved policy_version):
     state.json          learner state: policy_version, step counters, KL controller,
                         consumer, the uncommitted records (see docs/learner.md), config
     rng-rank<R>.json    torch / python RNG states of rank R
+    universal/          written on a resume with another rank count under ZeRO 1-3: the
+                        actor and critic re-expressed per parameter (DeepSpeed's universal
+                        checkpoint), from which any number of ranks loads
 
 Atomicity: every rank writes into `<dir>/.tmp-step-NNNNNNNN/`, files are fsynced, then
 rank 0 renames it to `step-NNNNNNNN` (one `rename`: a reader sees all or nothing) and
@@ -24,6 +27,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -129,24 +134,56 @@ def prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
+def _universal(path: str, rank: int) -> str:
+    """Rank 0 converts the actor and critic checkpoints of `path` into DeepSpeed's universal
+    format (one file per parameter and optimizer moment, no rank layout) in `<path>/universal`,
+    once; every rank returns that directory."""
+    out = os.path.join(path, "universal")
+    if rank == 0 and not os.path.exists(out):
+        tmp = f"{out}.tmp-{os.getpid()}"
+        for tag in ("actor", "critic"):
+            # --inject_missing_state: our engines keep no Megatron-style tensor-parallel metadata
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", os.path.join(path, tag), "--output_folder", os.path.join(tmp, tag),
+                   "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"converting {path}/{tag} to a universal checkpoint failed:\n"
+                                   f"{done.stderr[-2000:]}")
+        os.rename(tmp, out)
+    _barrier()
+    return out
+
+
 def load(path: str, actor, critic, *, rank: int, world: int) -> dict:
     """Restore engines, optimizers and this rank's RNG from `path`; returns the learner state.
 
-    ZeRO stages 1-3 shard the optimizer by rank, so those checkpoints resume only on the
-    same number of ranks (stage 0 resumes on any).
+    ZeRO stages 1-3 shard the optimizer by rank. A checkpoint written by another number of
+    ranks is re-sharded through DeepSpeed's universal checkpoint (converted once, next to
+    it, then loaded with `load_universal`), so a learner can restart with more or fewer ranks
+    and continue the same curve. Stage 0 keeps whole optimizer state and resumes on any count.
+    Ranks that did not exist in the saved run start from rank 0's RNG state.
     """
     with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     saved_world = int(state.get("world_size", world))
+    load_dir = path
     if saved_world != world and actor.zero_optimization_stage() > 0:
-        raise RuntimeError(f"{path} was written by {saved_world} ranks under ZeRO-"
-                           f"{actor.zero_optimization_stage()}; resume it with {saved_world} ranks")
+        load_dir = _universal(path, rank)
+        for engine in (actor, critic):
+            # DeepSpeed reads this flag (the ds_config key checkpoint.load_universal) at load time
+            engine._config.load_universal_checkpoint = True
     for engine, tag in ((actor, "actor"), (critic, "critic")):
-        loaded, _ = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
+        loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         if loaded is None:
-            raise RuntimeError(f"could not load the {tag} checkpoint from {path}")
+            raise RuntimeError(f"could not load the {tag} checkpoint from {load_dir}")
+    if load_dir != path:
+        for engine in (actor, critic):
+            engine._config.load_universal_checkpoint = False  # later saves are ordinary ones
     rng = os.path.join(path, f"rng-rank{rank}.json")
+    if not os.path.exists(rng):
+        rng = os.path.join(path, "rng-rank0.json")
     if os.path.exists(rng):
         with open(rng, encoding="utf-8") as f:
             _set_rng_state(json.load(f))
