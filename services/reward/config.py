@@ -10,7 +10,10 @@ from instructrl.serving.server import ServerConfig
 
 @dataclasses.dataclass
 class NormalizationConfig:
-    enabled: bool = field(False, help="report scores as (raw - running mean) / running std")
+    enabled: bool = field(False, help="report scores as (raw - mean) / std")
+    source: str = field("running", help="running: mean/std of the scores this replica served | saved: the "
+                                        "RM stage's statistics on the SFT demonstrations (reward_mean/"
+                                        "reward_std in <model>/instructrl.json; the same on every replica)")
     freeze_after: int = field(0, help="stop updating mean/std after this many scores (0 = never freeze)")
     eps: float = field(1e-6, help="lower bound of the std divided by")
 
@@ -42,3 +45,7 @@ class RewardConfig:
             raise ConfigError(f"max_seq_len: must be >= 0, got {self.max_seq_len}")
         if self.normalization.freeze_after < 0:
             raise ConfigError("normalization.freeze_after: must be >= 0")
+        if self.normalization.source not in ("running", "saved"):
+            raise ConfigError(f"normalization.source: {self.normalization.source!r} is not running/saved")
+        if self.normalization.enabled and self.normalization.source == "saved" and not self.model:
+            raise ConfigError("normalization.source: saved statistics come with a reward model; a rule has none")

@@ -1,9 +1,13 @@
-"""Running reward normalisation: Welford's online mean and variance.
+"""Reward normalisation: the RM stage's saved statistics, or Welford's running mean and variance.
 
 InstructGPT normalises its reward model once, with a bias, so that labeller
-demonstrations score 0 on average; online we keep a running mean/std of every
-raw score served instead (as lm-human-preferences and TRL do), optionally frozen
-after N scores so that the scale stops moving once it is well estimated.
+demonstrations score 0 on average. `SavedNormalizer` does that with the mean (and
+std) our RM stage measured on the SFT demonstrations and saved in the model's
+`instructrl.json`: fixed, so every reward replica gives the same scores. Departure:
+it also divides by that std (a constant rescaling of the reward, equivalent to
+scaling `kl_coef`). `RunningNormalizer` keeps a running mean/std of every raw score
+served instead (as lm-human-preferences and TRL do), optionally frozen after N scores
+so that the scale stops moving once it is well estimated; each replica keeps its own.
 
     mean_n = mean_{n-1} + (x - mean_{n-1}) / n
     M2_n   = M2_{n-1} + (x - mean_{n-1}) * (x - mean_n)
@@ -13,8 +17,12 @@ after N scores so that the scale stops moving once it is well estimated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import pathlib
 from typing import Sequence
+
+from instructrl.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +70,32 @@ class RunningNormalizer:
         """Update the statistics with this request's raw scores, then normalise them."""
         self.update(raw)
         return self.normalize(raw), self.stats()
+
+
+class SavedNormalizer:
+    """Fixed `(raw - mean) / std` with the RM stage's statistics; `count` 0 marks them fixed."""
+
+    def __init__(self, mean: float, std: float, eps: float = 1e-6):
+        self.mean, self.std, self.eps = float(mean), float(std), eps
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, eps: float = 1e-6) -> "SavedNormalizer":
+        """Read `reward_mean`/`reward_std` from `<model_dir>/instructrl.json` (written by `instructrl rm`)."""
+        path = pathlib.Path(model_dir) / "instructrl.json"
+        try:
+            info = json.loads(path.read_text())
+            mean, std = float(info["reward_mean"]), float(info["reward_std"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"normalization.source=saved: {path} has no reward_mean/reward_std "
+                              f"(written by `instructrl rm`): {type(e).__name__}: {e}") from None
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ConfigError(f"normalization.source=saved: {path}: reward_mean {mean}, reward_std {std} "
+                              "are not a finite mean and a positive std")
+        return cls(mean, std, eps)
+
+    def stats(self) -> NormStats:
+        return NormStats(self.mean, self.std, 0)
+
+    def apply(self, raw: Sequence[float]) -> tuple[list[float], NormStats]:
+        scale = max(self.std, self.eps)
+        return [(x - self.mean) / scale for x in raw], self.stats()

@@ -10,7 +10,7 @@ import sys
 
 from instructrl.config import ConfigError, parse_cli
 from instructrl.reward.config import RewardConfig
-from instructrl.reward.normalization import RunningNormalizer
+from instructrl.reward.normalization import RunningNormalizer, SavedNormalizer
 from instructrl.reward.scorer import RewardScorer, ScoreInput, load_scorer
 from instructrl.serving.batcher import DynamicBatcher, torch_threads
 from instructrl.serving.errors import InvalidArgument
@@ -36,7 +36,8 @@ def _input(item: reward_pb2.ScoreItem, k: int) -> ScoreInput:
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, scorer: RewardScorer, batcher: DynamicBatcher, normalizer: RunningNormalizer | None):
+    def __init__(self, scorer: RewardScorer, batcher: DynamicBatcher,
+                 normalizer: RunningNormalizer | SavedNormalizer | None):
         self.scorer = scorer
         self.batcher = batcher
         self.normalizer = normalizer
@@ -60,7 +61,10 @@ class RewardServer:
         self.cfg = cfg
         self.scorer = scorer if scorer is not None else load_scorer(cfg)
         norm = cfg.normalization
-        self.normalizer = RunningNormalizer(norm.freeze_after, norm.eps) if norm.enabled else None
+        self.normalizer: RunningNormalizer | SavedNormalizer | None = None
+        if norm.enabled:
+            self.normalizer = (SavedNormalizer.from_model_dir(cfg.model, norm.eps) if norm.source == "saved"
+                               else RunningNormalizer(norm.freeze_after, norm.eps))
         self.batcher: DynamicBatcher | None = None
         self.grpc: GrpcServer | None = None
 

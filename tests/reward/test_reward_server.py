@@ -240,3 +240,38 @@ def test_mtls_with_token(reward_model_dir, reward_scorer, tmp_path):
                 with pytest.raises(grpc.aio.AioRpcError):
                     await no_cert.score([("a", "b")])
     asyncio.run(main())
+
+
+def test_saved_normalisation_is_the_same_on_every_replica(reward_model_dir, reward_scorer, tmp_path):
+    """InstructGPT's bias from the RM stage's statistics, read from instructrl.json."""
+    import json
+    import shutil
+
+    from instructrl.config import ConfigError
+    from instructrl.reward.server import RewardServer
+
+    model = tmp_path / "rm"
+    shutil.copytree(reward_model_dir, model)
+    info = json.loads((model / "instructrl.json").read_text())
+    (model / "instructrl.json").write_text(json.dumps({**info, "reward_mean": 0.5, "reward_std": 2.0}))
+
+    async def main():
+        outs = []
+        for _ in range(2):  # two replicas, each started fresh
+            cfg = _cfg(model)
+            cfg.normalization.enabled, cfg.normalization.source = True, "saved"
+            async with running(cfg, reward_scorer) as srv:
+                async with RewardClient(ClientConfig(address=f"127.0.0.1:{srv.port}")) as client:
+                    resp = await client.stub.Score(score_request([("a", "b"), ("c", "d e f")]))
+                    outs.append(resp)
+        for resp in outs:
+            assert list(resp.scores) == pytest.approx([(r - 0.5) / 2.0 for r in resp.raw_scores], abs=1e-6)
+            assert (resp.normalization.mean, resp.normalization.std, resp.normalization.count) == (0.5, 2.0, 0)
+        assert list(outs[0].scores) == list(outs[1].scores)
+    asyncio.run(main())
+
+    (model / "instructrl.json").write_text(json.dumps(info))  # what a non-RM directory looks like
+    cfg = _cfg(model)
+    cfg.normalization.enabled, cfg.normalization.source = True, "saved"
+    with pytest.raises(ConfigError, match="reward_mean"):
+        RewardServer(cfg, reward_scorer)
