@@ -91,14 +91,16 @@ def test_bearer_token():
     asyncio.run(main())
 
 
-def _make_certs(d):
+def _make_certs(d, names=("server", "client"), san="DNS:localhost,IP:127.0.0.1", *extensions: str):
+    """A CA (`ca.crt`) and, per name, `<name>.crt`/`<name>.key` signed by it with `san`."""
     def run(*a):
         subprocess.run(a, check=True, capture_output=True, cwd=d)
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
         "-days", "2", "-subj", "/CN=test-ca")
-    for who in ("server", "client"):
+    for who in names:
+        extra = [a for ext in extensions for a in ("-addext", ext)]
         run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr",
-            "-subj", f"/CN={who}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+            "-subj", f"/CN={who}", "-addext", f"subjectAltName={san}", *extra)
         run("openssl", "x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", f"{who}.crt", "-days", "2", "-copy_extensions", "copy")
 
@@ -145,16 +147,8 @@ def test_client_tls_from_the_pod_environment():
 
 
 def test_mtls_with_the_mounted_certificate_over_real_sockets(tmp_path, monkeypatch):
-    def run(*a):
-        subprocess.run(a, check=True, capture_output=True, cwd=tmp_path)
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-days", "2", "-subj", "/CN=test-ca")
     # one certificate for servers and clients alike, valid for a name and not for the address used
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr",
-        "-subj", "/CN=instructrl", "-addext", "subjectAltName=DNS:instructrl.internal",
-        "-addext", "extendedKeyUsage=serverAuth,clientAuth")
-    run("openssl", "x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "tls.crt", "-days", "2", "-copy_extensions", "copy")
+    _make_certs(tmp_path, ("tls",), "DNS:instructrl.internal", "extendedKeyUsage=serverAuth,clientAuth")
     tls = TLSConfig.from_dir(str(tmp_path), mtls=True)
 
     async def main():
