@@ -8,7 +8,14 @@ records through
           get (XREADGROUP, parse, validate, dedup lookup) + ack (commit, XACK, XDEL),
 in rounds that alternate which side goes first. records/s is N / (put time + get time);
 the ratio is the median of the per-round ratios (neighbouring runs see the same machine
-load), the rates are the medians of the rounds. The last line printed is JSON.
+load), the rates are the medians of the rounds.
+
+Then the learner's decode of the per-token data, in us per record (best of the rounds):
+`tensor_bytes` parses the record and views its four tensors with np.frombuffer (the one
+encoding, `instructrl.codec`), `packed_repeated` parses the same data as packed repeated
+int32/float fields and converts them with np.array (the alternative), and `from_records`
+is the learner's whole batch construction (learner/batch.py: decode + padding). The last
+line printed is JSON.
 
   python bench/buffer.py [--records N] [--batch B] [--rounds R] [--url redis://...]
 """
@@ -21,8 +28,10 @@ import time
 import uuid
 
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from instructrl.buffer import BufferConfig, ExperienceBuffer, RedisConfig, delete_run, redis_from_url
+from instructrl.codec import logprob_array, token_array
 from instructrl.v1 import common_pb2, experience_pb2
 
 P, T = 128, 512  # prompt and response tokens
@@ -67,8 +76,7 @@ def raw_round(client, key: str, blobs: list[bytes], batch: int) -> tuple[float, 
 
 
 def buffer_round(url: str, run_id: str, records, batch: int) -> tuple[float, float]:
-    cfg = BufferConfig(redis=RedisConfig(url=url), run_id=run_id, capacity=len(records),
-                       put_batch=batch, max_policy_lag=None)
+    cfg = BufferConfig(redis=RedisConfig(url=url), run_id=run_id, capacity=len(records), put_batch=batch)
     with ExperienceBuffer.open(cfg) as buf:
         t0 = time.perf_counter()
         for i in range(0, len(records), batch):
@@ -82,6 +90,63 @@ def buffer_round(url: str, run_id: str, records, batch: int) -> tuple[float, flo
         t2 = time.perf_counter()
         delete_run(buf.r, run_id)
     return t1 - t0, t2 - t1
+
+
+TENSORS = ("prompt_token_ids", "response_token_ids", "sampling_logprobs", "ref_logprobs")
+
+
+def packed_class():
+    """A message holding the per-token data as packed repeated fields (proto3's default)."""
+    f = descriptor_pb2.FileDescriptorProto(name="bench_packed.proto", package="bench", syntax="proto3")
+    m = f.message_type.add(name="Packed")
+    m.field.add(name="sample_id", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING)
+    for k, name in enumerate(TENSORS, 2):
+        types = descriptor_pb2.FieldDescriptorProto
+        typ = types.TYPE_INT32 if k < 4 else types.TYPE_FLOAT
+        m.field.add(name=name, number=k, type=typ, label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("bench.Packed"))
+
+
+def decode_costs(records, rounds: int) -> dict[str, float]:
+    """us per record of the learner's decode, per encoding (best of `rounds`)."""
+    from instructrl.learner.batch import from_records
+
+    packed_cls = packed_class()
+    raw = [r.SerializeToString() for r in records]
+    packed = [packed_cls(sample_id=r.sample_id, **{
+        n: (token_array(getattr(r, n)) if n.endswith("ids") else logprob_array(getattr(r, n))).tolist()
+        for n in TENSORS}).SerializeToString() for r in records]
+
+    def tensor_bytes():
+        for b in raw:
+            m = experience_pb2.Experience.FromString(b)
+            token_array(m.prompt_token_ids), token_array(m.response_token_ids)
+            logprob_array(m.sampling_logprobs), logprob_array(m.ref_logprobs)
+
+    def packed_repeated():
+        for b in packed:
+            m = packed_cls.FromString(b)
+            np.array(m.prompt_token_ids, np.int32), np.array(m.response_token_ids, np.int32)
+            np.array(m.sampling_logprobs, np.float32), np.array(m.ref_logprobs, np.float32)
+
+    parsed = [experience_pb2.Experience.FromString(b) for b in raw]
+
+    def learner_batches():
+        for i in range(0, len(parsed), 64):
+            from_records(parsed[i:i + 64], [0] * len(parsed[i:i + 64]), pad_id=0)
+
+    out = {}
+    for name, fn in (("tensor_bytes", tensor_bytes), ("packed_repeated", packed_repeated),
+                     ("from_records", learner_batches)):
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = round(best / len(records) * 1e6, 2)
+    return out
 
 
 def main() -> None:
@@ -103,7 +168,7 @@ def main() -> None:
             def raw():
                 return raw_round(client, f"instructrl:{{{tag}-raw}}:experience", blobs, a.batch)
 
-            def buf():
+            def buf(k=k):
                 return buffer_round(a.url, f"{tag}-buf{k}", records, a.batch)
             if k % 2:
                 (bp, bg), (rp, rg) = buf(), raw()
@@ -118,11 +183,14 @@ def main() -> None:
         for k in range(a.rounds):
             delete_run(client, f"{tag}-buf{k}")
         client.close()
-    ratio = statistics.median(b / r for b, r in zip(buf_rates, raw_rates))
+    ratio = statistics.median(b / r for b, r in zip(buf_rates, raw_rates, strict=True))
+    decode = decode_costs(records[:1000], a.rounds)
+    print(f"learner decode, us per record: {decode}")
     print(json.dumps({
         "records": a.records, "record_bytes": len(blobs[0]), "batch": a.batch, "rounds": a.rounds,
         "buffer_records_per_s": round(statistics.median(buf_rates), 1),
         "raw_records_per_s": round(statistics.median(raw_rates), 1), "ratio": round(ratio, 3),
+        "decode_us_per_record": decode,
     }))
 
 

@@ -92,7 +92,7 @@ async def _round(clients: list[RewardClient], work, latencies: list[float] | Non
                 latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*[run(c, reqs) for c, reqs in zip(clients, work)])
+    await asyncio.gather(*[run(c, reqs) for c, reqs in zip(clients, work, strict=True)])
     return time.perf_counter() - t0
 
 
@@ -119,7 +119,8 @@ async def _bench(ports: dict[str, tuple[int, int]], vocab: int, args) -> dict[st
             await c.close()
     for m in MODES:
         out[m]["overhead_tokens"] = _server_metrics(ports[m][1]).get("instructrl_batch_overhead_tokens", math.nan)
-    return {m: {"overhead_tokens": o["overhead_tokens"], "items_per_s": statistics.median(o["rates"]), "rates": o["rates"],
+    return {m: {"overhead_tokens": o["overhead_tokens"], "items_per_s": statistics.median(o["rates"]),
+                "rates": o["rates"],
                 "p50_ms": 1000 * statistics.median(o["latencies"]),
                 "p99_ms": 1000 * _percentile(o["latencies"], 99),
                 "mean_batch_size": o["batch_sum"] / max(o["batches"], 1)} for m, o in out.items()}

@@ -140,7 +140,7 @@ def run(rank: int, port: int, args) -> dict | None:
         "bucketed_over_raw": round(med["bucketed"] / med["raw"], 3),
         "per_param_over_bucketed": round(med["per_param"] / med["bucketed"], 3),
         "small_broadcast_latency_us": round(op_latency_s * 1e6, 1),
-        "targets": {"bucketed_over_raw": "<= 1.2", "per_param_over_bucketed": ">= 5"},
+        "targets": {"bucketed_over_raw": "<= 1.2"},  # per-parameter: reported, no target (issue 16)
         "all_s": {m: [round(x, 4) for x in v] for m, v in times.items()},
     }
 

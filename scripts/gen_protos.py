@@ -1,9 +1,9 @@
-"""Generate the committed gRPC stubs under services/v1 from protos/.
+"""Generate the committed gRPC stubs under services/instructrl/v1 from protos/.
 
-    python scripts/gen_protos.py            # write services/v1/*_pb2*.py
+    python scripts/gen_protos.py            # write services/instructrl/v1/*_pb2*.py
     python scripts/gen_protos.py --out DIR  # write elsewhere (the drift test uses this)
 
-The import package is `instructrl` (= the services/ folder), so protos live at
+The import package is `instructrl` (services/instructrl/), so protos live at
 protos/instructrl/v1/*.proto and generate `instructrl.v1.*_pb2` modules.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ PROTO_ROOT = ROOT / "protos"
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
-    from grpc_tools import protoc  # dev dependency
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
@@ -40,7 +40,7 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "services" / "v1")
+    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "services" / "instructrl" / "v1")
     args = ap.parse_args()
     for f in generate(args.out):
         print(f.relative_to(args.out.parent) if args.out.is_relative_to(ROOT) else f)

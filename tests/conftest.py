@@ -6,7 +6,6 @@ import os
 import uuid
 
 import pytest
-
 import redis_server as rs
 
 
@@ -48,3 +47,28 @@ def aof_redis(tmp_path):
         pytest.fail(str(err), pytrace=False)
     yield server
     server.stop()
+
+
+# Tiny models built once per session, shared by the reward, reference and serving tests.
+_TINY = dict(vocab_size=300, hidden_size=64, num_heads=2, num_layers=2, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(tmp_path_factory):
+    """A tiny reward model in our RM format."""
+    from instructrl.models.tiny import TinyModelConfig
+    from instructrl.reward.tiny import build_tiny_reward_model
+
+    d = tmp_path_factory.mktemp("tiny_reward_model")
+    build_tiny_reward_model(d, TinyModelConfig(**_TINY))
+    return d
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(tmp_path_factory):
+    """A tiny SFT (causal LM) model."""
+    from instructrl.models.tiny import TinyModelConfig, build_tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny_sft_model")
+    build_tiny_llama(d, TinyModelConfig(**_TINY))
+    return d

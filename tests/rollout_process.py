@@ -27,7 +27,8 @@ class RolloutProcess:
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**{k: v for k, v in os.environ.items() if k not in _DIST_VARS}, **SERVER_ENV}, start_new_session=True)
+                                     env={**{k: v for k, v in os.environ.items() if k not in _DIST_VARS}, **SERVER_ENV},
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout_s
         pat = re.compile(r"serving on [\d.]+:(\d+) metrics :(-?\d+)")
         while time.monotonic() < deadline:

@@ -57,7 +57,7 @@ def consume(a) -> None:
         time.sleep(0.005)  # "training"
         ids = batch.sample_ids
         flags = buf.ack(batch, tag=f"b{stats['batches']}",
-                        extra=lambda pipe: pipe.rpush(trained, *ids))
+                        extra=lambda pipe, ids=ids: pipe.rpush(trained, *ids))
         stats["batches"] += 1
         stats["committed"] += sum(flags)
         stats["lost"] += flags.count(False)

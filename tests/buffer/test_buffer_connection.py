@@ -8,7 +8,8 @@ import redis
 from buffer_records import make_experience
 from redis_server import RedisServer, free_port
 
-from instructrl.buffer import BufferConfig, ExperienceBuffer, RedisConfig, redis_from_url
+from instructrl.buffer import BufferConfig, ExperienceBuffer, PacingConfig, RedisConfig, redis_from_url
+from instructrl.config import ConfigError, from_dict
 
 # the least privilege the buffer needs (docs/buffer.md): its own keys, no pub/sub
 ACL = ["--user", "default", "off",
@@ -90,8 +91,11 @@ def test_rediss_with_ca_and_client_certificate(tmp_path):
 def test_config_is_checked():
     with pytest.raises(ValueError, match="run_id"):
         BufferConfig(run_id="a:b")
-    with pytest.raises(ValueError, match="stale_policy"):
-        BufferConfig(stale_policy="fix")
+    for old in ("max_policy_lag", "stale_policy"):  # staleness moved to the learner's pacing.*
+        with pytest.raises(ConfigError, match=rf"^{old}: this key was renamed; use pacing\.{old} \(a learner"):
+            from_dict(BufferConfig, {old: 1})
+    with pytest.raises(ValueError, match="pacing.stale_policy"):
+        from_dict(PacingConfig, {"stale_policy": "fix"})
     with pytest.raises(ValueError, match="socket_timeout"):
         BufferConfig(block_ms=60_000)
     with pytest.raises(ValueError, match="rediss"):

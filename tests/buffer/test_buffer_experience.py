@@ -7,7 +7,12 @@ from buffer_records import make_experience, poison_records
 from prometheus_client import REGISTRY
 
 from instructrl.buffer import (
-    BufferConfig, BufferFull, ExperienceBuffer, Keys, RedisConfig, read_dead_letters,
+    BufferConfig,
+    BufferFull,
+    ExperienceBuffer,
+    Keys,
+    RedisConfig,
+    read_dead_letters,
 )
 
 
@@ -74,6 +79,24 @@ def test_a_used_sample_id_is_never_handed_over_again(make_buffer):
     assert metric("instructrl_buffer_duplicates_total", stream="experience") - dups == 2
 
 
+def test_a_sample_id_held_by_the_consumer_is_not_handed_over_again(make_buffer):
+    """The learner holds records until its checkpoint: a copy (a re-generated sample) or a
+    redelivery of what it holds must not reach it twice. The copy is acked away; the held
+    entry stays pending until its own ack."""
+    buf = make_buffer(claim_idle_ms=50)
+    buf.put([make_experience("h/e0/s0")])
+    held = buf.get(10, "learner-0")
+    assert held.sample_ids == ["h/e0/s0"]
+    buf.put([make_experience("h/e0/s0", seed=5), make_experience("k/e0/s0")])  # a re-generated copy
+    time.sleep(0.12)  # the held entry's lease lapses: the next get reclaims it for this same consumer
+    again = buf.get(10, "learner-0", block_ms=0)
+    assert again.sample_ids == ["k/e0/s0"]
+    assert again.reclaimed == 1 and again.duplicates == 2  # the redelivered entry and the copy
+    assert buf.depth() == 2  # the copy is gone; the held entry and k are pending, not lost
+    assert buf.ack(held) == [True] and buf.ack(again) == [True]
+    assert buf.depth() == 0 and buf.r.hlen(buf.keys.seen) == 2
+
+
 def test_concurrent_commit_of_one_sample_is_won_once(make_buffer):
     buf = make_buffer(claim_idle_ms=50)
     buf.put([make_experience("x/e0/s0")])
@@ -101,12 +124,27 @@ def test_touch_renews_the_lease(make_buffer):
     assert buf.touch(held) == 0  # the lease was lost; touch does not steal it back
 
 
+def test_a_restarted_consumer_takes_back_what_it_held_at_once(make_buffer):
+    """A learner (or worker) restarted under the same consumer name gets its predecessor's
+    pending entries on its first read, not claim_idle_ms later (a minute by default)."""
+    first = make_buffer(claim_idle_ms=60_000)
+    first.put([make_experience(f"h{i}/e0/s0") for i in range(5)])
+    assert len(first.get(3, "learner-0")) == 3  # then the process dies, holding 3
+    restarted = make_buffer(claim_idle_ms=60_000)
+    got = restarted.get(3, "learner-0", block_ms=0)
+    assert sorted(got.sample_ids) == [f"h{i}/e0/s0" for i in range(3)]  # its own, first
+    assert restarted.get(10, "learner-0", block_ms=0).sample_ids == ["h3/e0/s0", "h4/e0/s0"]
+    assert len(make_buffer().get(10, "other", block_ms=0)) == 0  # another consumer waits out the lease
+
+
 @pytest.mark.parametrize("policy", ["drop", "keep"])
 def test_stale_records_are_dropped_or_handed_over_with_their_lag(make_buffer, policy):
-    buf = make_buffer(max_policy_lag=2, stale_policy=policy)
+    buf = make_buffer()
     before = metric("instructrl_buffer_stale_dropped_total", stream="experience")
     buf.put([make_experience(f"v{v}/e0/s0", version=v) for v in range(6)])
-    batch = buf.get(10, "c", learner_version=5)
+    with pytest.raises(ValueError, match="stale_policy"):
+        buf.get(10, "c", learner_version=5, max_policy_lag=2, stale_policy="fix")
+    batch = buf.get(10, "c", learner_version=5, max_policy_lag=2, stale_policy=policy)
     if policy == "drop":
         assert [r.policy_version for r in batch.records] == [3, 4, 5]
         assert batch.lags == [2, 1, 0] and batch.stale_dropped == 3
@@ -213,3 +251,29 @@ def test_a_lost_stream_and_group_are_recreated(make_buffer, run_id):
     assert [g["name"] for g in buf.r.xinfo_groups(Keys.for_run(run_id).experience)] == [b"learner"]
     buf.put([make_experience("after/e0/s0")])
     assert drain(buf) == ["after/e0/s0"]
+
+
+def test_every_entry_deleted_is_counted_under_its_reason(make_buffer, run_id):
+    """The outcomes hash (Keys.outcomes) plus XLEN accounts for every entry ever added, and
+    survives the processes that settled them (the cluster scenarios audit a run with it):
+    committed, stale, duplicate copies, commits another consumer beat, dead letters; a
+    retried settlement counts nothing twice."""
+    buf = make_buffer(claim_idle_ms=20)
+    keys = Keys.for_run(run_id)
+    buf.put([make_experience(f"v{v}/e0/s0", version=v) for v in range(4)])  # v0, v1 stale at 3 with lag 1
+    buf.r.xadd(keys.experience, {"r": next(iter(poison_records().values()))})
+    batch = buf.get(10, "c", learner_version=3, max_policy_lag=1)
+    assert batch.sample_ids == ["v2/e0/s0", "v3/e0/s0"] and batch.stale_dropped == 2
+    assert buf.ack(batch, tag="s1") == [True, True]
+    assert buf.ack(batch, tag="s1") == [True, True]  # retried: counted once
+    buf.put([make_experience("v2/e0/s0", seed=3), make_experience("x/e0/s0")])  # a copy of a used sample
+    slow = buf.get(10, "slow", block_ms=0)
+    assert slow.sample_ids == ["x/e0/s0"] and slow.duplicates == 1
+    time.sleep(0.06)
+    fast = buf.get(10, "fast", block_ms=0)  # reclaims x from the slow consumer
+    assert buf.ack(fast) == [True] and buf.ack(slow) == [False]
+    outcomes = {k.decode(): int(v) for k, v in buf.r.hgetall(keys.outcomes(keys.experience)).items()}
+    dead = read_dead_letters(buf.r, run_id)
+    assert outcomes == {"stale": 2, "committed": 3, "duplicate": 1, f"dead:{dead[0]['reason']}": 1}
+    added = buf.r.xinfo_stream(keys.experience)["entries-added"]
+    assert added == 7 == sum(outcomes.values()) + buf.depth()

@@ -1,4 +1,4 @@
-"""PromptQueue and the asyncio classes against a real Redis."""
+"""PromptQueue against a real Redis, also called from an event loop through threads (the rollout worker)."""
 import asyncio
 import time
 
@@ -6,15 +6,19 @@ import pytest
 from buffer_records import make_experience
 
 from instructrl.buffer import (
-    AsyncExperienceBuffer, AsyncPromptQueue, BufferConfig, PromptQueue, RedisConfig,
-    read_dead_letters, sample_id_for,
+    BufferConfig,
+    ExperienceBuffer,
+    PromptQueue,
+    RedisConfig,
+    read_dead_letters,
+    sample_id_for,
 )
-from instructrl.v1 import common_pb2, experience_pb2
+from instructrl.codec import sequence
+from instructrl.v1 import experience_pb2
 
 
 def prompts(n, prefix="p"):
-    return [experience_pb2.PromptRecord(prompt_id=f"{prefix}{i}", prompt=common_pb2.Sequence(
-        token_ids=common_pb2.TokenIds(ids=[1, 2, i]))) for i in range(n)]
+    return [experience_pb2.PromptRecord(prompt_id=f"{prefix}{i}", prompt=sequence([1, 2, i])) for i in range(n)]
 
 
 @pytest.fixture
@@ -56,34 +60,32 @@ def test_poison_prompts_are_dead_lettered(cfg):
         q.close()
 
 
-def test_asyncio_rollout_side_end_to_end(cfg):
-    """A rollout replica's loop: claim prompts, put experience, ack prompts; the learner's
-    asyncio side gets and acks."""
-    async def main():
-        q = await AsyncPromptQueue.open(cfg)
-        buf = await AsyncExperienceBuffer.open(cfg)
-        step_key = f"{buf.keys.prefix}:learner:step"
-        try:
-            assert await q.put_prompts(prompts(12), epoch=3) == 12
-            assert await q.put_prompts(prompts(12), epoch=3) == 0
-            while await q.depth():
-                claimed = await q.claim(5, "replica-0", block_ms=50)
-                assert await q.touch(claimed) == len(claimed)
-                recs = [make_experience(sample_id_for(p.prompt_id, p.epoch, k), version=2)
-                        for p in claimed.prompts for k in range(2)]
-                assert await buf.put(recs) == len(recs)
-                await q.ack(claimed)
-            seen = []
-            while len(seen) < 24:
-                batch = await buf.get(10, "learner", learner_version=2, block_ms=100)
-                assert batch.lags == [0] * len(batch)
-                flags = await buf.ack(batch, tag="s1", extra=lambda pipe: pipe.incr(step_key))
-                assert flags == [True] * len(batch)
-                seen += batch.sample_ids
-            assert int(await buf.r.get(step_key)) >= 3
-            assert len(set(seen)) == 24 and "p0/e3/s1" in seen
-            assert await buf.depth() == 0
-        finally:
-            await q.close()
-            await buf.close()
-    asyncio.run(main())
+def test_rollout_side_from_an_event_loop_through_threads(cfg):
+    """A rollout worker's use: claim, renew the lease, put experience and ack, as concurrent
+    asyncio tasks each calling the one synchronous client through `asyncio.to_thread`; the
+    learner then gets every record once."""
+    async def replica(q, buf, name):
+        while True:
+            claimed = await asyncio.to_thread(q.claim, 3, name, 50)
+            if not claimed.prompts:
+                return
+            renewed = await asyncio.gather(*(asyncio.to_thread(q.touch, claimed) for _ in range(3)))
+            assert renewed == [len(claimed)] * 3
+            recs = [make_experience(sample_id_for(p.prompt_id, p.epoch, k), version=2)
+                    for p in claimed.prompts for k in range(2)]
+            assert await asyncio.to_thread(buf.put, recs) == len(recs)
+            await asyncio.to_thread(q.ack, claimed)
+
+    async def main(q, buf):
+        assert await asyncio.to_thread(q.put_prompts, prompts(12), 3) == 12
+        await asyncio.gather(*(replica(q, buf, f"replica-{i}") for i in range(3)))
+
+    with PromptQueue.open(cfg) as q, ExperienceBuffer.open(cfg) as buf:
+        asyncio.run(main(q, buf))
+        assert q.depth() == 0
+        seen = []
+        while len(seen) < 24:
+            batch = buf.get(10, "learner", learner_version=2, block_ms=100)
+            assert batch.lags == [0] * len(batch) and buf.ack(batch) == [True] * len(batch)
+            seen += batch.sample_ids
+        assert len(set(seen)) == 24 and "p0/e3/s1" in seen and buf.depth() == 0

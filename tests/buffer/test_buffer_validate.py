@@ -21,16 +21,20 @@ def test_poison_records_are_rejected_with_their_reason(name):
     assert err.value.reason == name.split(":")[0]
 
 
-def test_bf16_and_fp64_log_probs_are_accepted_and_checked():
-    rec = make_experience("bf16")
-    bits = (np.full(16, -1.0, dtype="<f4").view("<u4") >> 16).astype("<u2")
-    rec.sampling_logprobs.CopyFrom(tensor(bits, "BF16"))
-    rec.ref_logprobs.CopyFrom(tensor(-np.ones(16, dtype="<f8"), "FP64"))
-    check_experience(rec.SerializeToString())
-    bits[0] = 0x7FC0  # BF16 NaN
-    rec.sampling_logprobs.CopyFrom(tensor(bits, "BF16"))
-    with pytest.raises(PoisonRecord, match="non_finite"):
+@pytest.mark.parametrize("field,arr,datatype", [
+    ("sampling_logprobs", -np.ones(16, dtype="<f8"), "FP64"),
+    ("ref_logprobs", (np.full(16, -1.0, dtype="<f4").view("<u4") >> 16).astype("<u2"), "BF16"),
+    ("ref_logprobs", -np.ones(16, dtype="<f2"), "FP16"),
+    ("response_token_ids", np.ones(16, dtype="<i8"), "INT64"),
+    ("prompt_token_ids", np.ones(8, dtype="<i4"), ""),
+])
+def test_only_the_one_per_token_encoding_is_accepted(field, arr, datatype):
+    """Token ids are INT32 and log-probs FP32 (what every producer writes); nothing else passes."""
+    rec = make_experience("other-dtype")
+    getattr(rec, field).CopyFrom(tensor(arr, datatype))
+    with pytest.raises(PoisonRecord, match="dtype") as err:
         check_experience(rec.SerializeToString())
+    assert field in str(err.value)
 
 
 def test_nan_score_and_empty_response_are_poison():

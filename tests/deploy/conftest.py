@@ -7,6 +7,9 @@ declarations for what does not run here yet (rollout, reference, learner, buffer
 other services to it as they become cheap to start (e.g. `instructrl launch` with fixed
 metrics ports) and drop the exporter. `failing_metrics_targets` (namespace "failing")
 always plays a broken run, so that every alert has something to fire on.
+`replicated_targets` (namespace "replicated") scrapes the healthy exporter three times under
+three job names: a run in which three processes export the same run-wide gauges (the buffer
+depth), as the rollout workers and the learner do.
 """
 from __future__ import annotations
 
@@ -17,10 +20,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import deploy_support as ds
 import pytest
 import yaml
-
-import deploy_support as ds
 from local_services import RewardService
 from prometheus_api import Prometheus
 
@@ -84,6 +86,13 @@ def metrics_targets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def replicated_targets(metrics_targets):
+    exporter = next(j for j in metrics_targets if j.standin)
+    return [ScrapeJob(f"replica-{x}", exporter.targets, "replicated", standin=True, report=exporter.report)
+            for x in "abc"]
+
+
+@pytest.fixture(scope="session")
 def failing_metrics_targets():
     proc, port, report = _start_exporter("failing")
     yield [ScrapeJob("failing", [f"127.0.0.1:{port}"], "failing", standin=True, report=report)]
@@ -102,13 +111,14 @@ def prometheus_config(jobs: list[ScrapeJob]) -> dict:
 
 
 @pytest.fixture(scope="session")
-def prometheus(tmp_path_factory, metrics_targets, failing_metrics_targets):
+def prometheus(tmp_path_factory, metrics_targets, failing_metrics_targets, replicated_targets):
     """A real Prometheus on a free loopback port, with the alert rules loaded, that has
     scraped every target at least 6 times."""
     binary = ds.require_binary("prometheus")
     workdir = tmp_path_factory.mktemp("prometheus")
     config = workdir / "prometheus.yml"
-    config.write_text(yaml.safe_dump(prometheus_config(metrics_targets + failing_metrics_targets)))
+    all_jobs = metrics_targets + failing_metrics_targets + replicated_targets
+    config.write_text(yaml.safe_dump(prometheus_config(all_jobs)))
     check = subprocess.run([ds.require_binary("promtool"), "check", "config", str(config)],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -124,7 +134,7 @@ def prometheus(tmp_path_factory, metrics_targets, failing_metrics_targets):
             if proc.poll() is not None:
                 pytest.fail(f"prometheus exited: {(workdir / 'prometheus.log').read_text()[-3000:]}", pytrace=False)
             if prom.ready():
-                jobs = len(metrics_targets) + len(failing_metrics_targets)
+                jobs = len(all_jobs)
                 scraped = prom.query("count_over_time(up[1m]) >= 6")
                 if len(scraped) >= jobs and prom.query("min(up) == 1"):
                     break

@@ -73,6 +73,12 @@ REDIS_STREAMS_METADATA = {
     "streamLength", "lagCount", "activationLagCount", "enableTLS", "unsafeSsl", "databaseIndex",
 }
 
+# TriggerAuthentication parameters the Redis scalers read from authParams (KEDA
+# pkg/scalers/redis_scaler.go, redisConnectionInfo / redisMetadata).
+REDIS_AUTH_PARAMS = {"address", "addresses", "host", "hosts", "port", "ports", "username", "password",
+                     "sentinelUsername", "sentinelPassword", "sentinelMaster", "tls", "ca", "cert", "key",
+                     "keyPassword"}
+
 SCALED_OBJECT_SPEC = {
     "scaleTargetRef": Req({"name": Req(str), "kind": str, "apiVersion": str, "envSourceContainerName": str}),
     "pollingInterval": int,
@@ -147,9 +153,15 @@ def check_custom_resource(obj: dict) -> list[str]:
                          "metadata": Req({"name": Req(str), "namespace": str, "labels": MapOf(str),
                                           "annotations": MapOf(str)}),
                          "spec": Req(SPECS[key])}, where)
+    if obj["kind"] == "TriggerAuthentication":
+        for i, ref in enumerate(obj["spec"].get("secretTargetRef", [])):
+            if ref.get("parameter") not in REDIS_AUTH_PARAMS:
+                errors.append(f"{where}.spec.secretTargetRef[{i}].parameter: {ref.get('parameter')!r} "
+                              "is not a redis scaler auth parameter")
     if obj["kind"] == "ScaledObject":
         for i, t in enumerate(obj["spec"].get("triggers", [])):
             if t.get("type") == "redis-streams":
                 unknown = set(t.get("metadata", {})) - REDIS_STREAMS_METADATA
-                errors += [f"{where}.spec.triggers[{i}].metadata.{k}: unknown redis-streams key" for k in sorted(unknown)]
+                errors += [f"{where}.spec.triggers[{i}].metadata.{k}: unknown redis-streams key"
+                           for k in sorted(unknown)]
     return errors

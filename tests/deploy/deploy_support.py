@@ -28,8 +28,26 @@ DOCKER = ROOT / "deploy" / "docker"
 PIP_HINT = "pip install -r scripts/deploy_requirements.txt (scripts/setup.sh does it)"
 APT_HINT = "apt-get install prometheus (Debian; scripts/setup_system.sh does it)"
 
-# Two Kubernetes versions whose OpenAPI schemas kubernetes-validate ships.
-KUBE_VERSIONS = ("1.36.0", "1.37.0")
+def kube_floor() -> str:
+    """The oldest Kubernetes version Chart.yaml's kubeVersion (">=X.Y.Z-0") admits."""
+    constraint = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    m = re.fullmatch(r">=\s*(\d+\.\d+\.\d+)(-0)?", constraint.strip())
+    assert m, f"Chart.yaml kubeVersion {constraint!r}: only '>=X.Y.Z-0' is understood here"
+    return m.group(1)
+
+
+def _admitted_kube_versions() -> tuple[str, ...]:
+    """Every Kubernetes version whose OpenAPI schemas kubernetes-validate ships and that the
+    chart's kubeVersion admits: each object must validate on each of them."""
+    try:
+        from kubernetes_validate.utils import all_versions
+    except ImportError:  # the tests that need it fail with the install hint
+        return ("1.37.0",)
+    key = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    return tuple(sorted({v for v in all_versions() if key(v) >= key(kube_floor())}, key=key))
+
+
+KUBE_VERSIONS = _admitted_kube_versions()
 
 
 def require_module(name: str):
@@ -89,7 +107,9 @@ def catalogue_series_names() -> set[str]:
 # --- PromQL found in the dashboard and the rules ----------------------------------------
 
 _METRIC = re.compile(r"\b(instructrl_[a-z0-9_]+)\b")
-_SELECTOR = re.compile(r"\b(instructrl_[a-z0-9_]+)(\{[^}]*\})?")
+# instructrl metrics, and the process collector's start time (prometheus_client exports it
+# from every service process) that the alerts read a process's up-time from.
+_SELECTOR = re.compile(r"\b(instructrl_[a-z0-9_]+|process_start_time_seconds)(\{[^}]*\})?")
 
 
 def metric_names(expr: str) -> set[str]:
@@ -97,7 +117,8 @@ def metric_names(expr: str) -> set[str]:
 
 
 def vector_selectors(expr: str) -> set[str]:
-    """`metric{matchers}` strings of an expression (label names never start with instructrl_)."""
+    """`metric{matchers}` strings of an expression (label names never start with instructrl_);
+    the metrics are the instructrl_* ones and process_start_time_seconds."""
     return {name + (matchers or "") for name, matchers in _SELECTOR.findall(expr)}
 
 
@@ -128,6 +149,53 @@ def grafana_to_promql(expr: str, namespace: str = ".*") -> str:
     return (expr.replace("$__rate_interval", "1m").replace("$__interval", "15s")
             .replace("$__range", "1h").replace("$namespace", namespace)
             .replace("${namespace}", namespace))
+
+
+# Gauges that describe a whole run (one Redis stream), not the process exporting them: more
+# than one process of a run may export them (docs/metrics.md), so every query takes their max
+# over a run's series, never the sum.
+GLOBAL_GAUGES = ("instructrl_buffer_depth", "instructrl_buffer_consumer_lag", "instructrl_buffer_pending")
+ADAPTER_VALUES = ROOT / "deploy" / "prometheus" / "prometheus-adapter-values.yaml"
+
+
+def enclosing_aggregations(expr: str, metric: str) -> list[str]:
+    """For each use of `metric` in `expr`, the name of the innermost function or aggregation
+    applied to it ("" when the selector stands bare)."""
+    out = []
+    for m in re.finditer(rf"\b{metric}\b", expr):
+        depth, i = 0, m.start() - 1
+        while i >= 0:
+            if expr[i] == ")":
+                depth += 1
+            elif expr[i] == "(":
+                if depth == 0:
+                    break
+                depth -= 1
+            i -= 1
+        head = expr[:i].rstrip() if i >= 0 else ""
+        head = re.sub(r"\s*\b(by|without)\s*\([^)]*\)\s*$", "", head)
+        name = re.search(r"([a-z_]+)\s*$", head) if i >= 0 else None
+        out.append(name.group(1) if name else "")
+    return out
+
+
+def adapter_queries(namespace: str = "ml", selector: str = 'stream="prompts"') -> list[tuple[str, str]]:
+    """(metric, PromQL) of the prometheus-adapter external rules we ship, templated as the
+    adapter does for an HPA in `namespace` whose metric selector is `selector`."""
+    doc = yaml.safe_load(ADAPTER_VALUES.read_text())
+    out = []
+    for rule in doc["rules"]["external"]:
+        metric = rule["name"]["matches"].strip("^$")
+        query = (rule["metricsQuery"].replace("<<.Series>>", metric).replace("<<.GroupBy>>", "namespace")
+                 .replace("<<.LabelMatchers>>", f'{selector},namespace="{namespace}"'))
+        out.append((metric, query))
+    return out
+
+
+# Where every alert's runbook_url points (deploy/prometheus/instructrl-alerts.yaml); the chart
+# replaces this base with metrics.prometheusRule.runbookBaseUrl when set.
+RUNBOOK_BASE = "https://github.com/instructrl/instructrl/blob/main/docs/operations.md"
+ALERT_UNIT_TESTS = ROOT / "tests" / "deploy" / "promtool" / "instructrl-alerts-test.yaml"
 
 
 def alert_rules() -> list[dict]:

@@ -14,10 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+import deploy_support as ds
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-import deploy_support as ds
 
 
 class RewardService:
@@ -31,7 +30,7 @@ class RewardService:
         self._thread: threading.Thread | None = None
         self.calls = 0
 
-    def start(self) -> "RewardService":
+    def start(self) -> RewardService:
         argv = [sys.executable, "-m", "instructrl.cli", "serve", "reward",
                 "rule=instructrl.reward.rules:exact_match", f"server.port={self.port}",
                 f"server.metrics_port={self.metrics_port}"]

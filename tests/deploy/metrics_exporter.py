@@ -14,6 +14,8 @@ every alert fire.
 
 Values move one step per scrape (a collector registered last advances the script), so
 the first scrape of the failing run sees a high reward and every later one a collapsed one.
+The failing run's process has been "up" for an hour (its process_start_time_seconds is an
+hour old), so the alerts that wait out a start-up window judge it as a run past start-up.
 """
 from __future__ import annotations
 
@@ -24,15 +26,16 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "true")
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server  # noqa: E402
-from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
-
 import deploy_support as ds  # noqa: E402
+from prometheus_client import PROCESS_COLLECTOR, REGISTRY, Counter, Gauge, Histogram, start_http_server  # noqa: E402
+from prometheus_client.core import GaugeMetricFamily  # noqa: E402
+from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
 
 MODULES = ("instructrl.serving.metrics", "instructrl.serving.batcher", "instructrl.buffer.metrics",
            "instructrl.rollout.metrics", "instructrl.learner.metrics")
@@ -113,7 +116,7 @@ class Script:
             "instructrl_learner_kl_to_ref": 80.0 if bad else 5.0,
             "instructrl_learner_rollout_replicas": 0.0 if bad else 2.0,
             "instructrl_learner_policy_version": 20.0 + t if bad else float(t),
-            "instructrl_learner_step": float(t),
+            "instructrl_learner_optimizer_step": float(t),
             "instructrl_rollout_policy_version": 2.0 if bad else float(t),
             "instructrl_learner_score_mean": (5.0 if t == 0 else -5.0) if bad else 1.0 + 0.1 * t,
             "instructrl_learner_reward_mean": 0.5 + 0.1 * t,
@@ -162,6 +165,20 @@ class Script:
             self.t += 1
 
 
+class StartedAnHourAgo:
+    """process_start_time_seconds of a process that has been up for an hour."""
+
+    def __init__(self):
+        self.start = time.time() - 3600
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        yield GaugeMetricFamily("process_start_time_seconds", "Start time of the process since unix epoch "
+                                "in seconds (failing run: up for an hour).", value=self.start)
+
+
 class Ticker:
     """Registered last: each scrape advances the script after the metrics were read."""
 
@@ -200,6 +217,9 @@ def main() -> int:
     report["not_in_catalogue"] = sorted(set(real) - set(catalogue))
 
     script = Script(driven, failing=args.scenario == "failing")
+    if script.failing:
+        REGISTRY.unregister(PROCESS_COLLECTOR)
+        REGISTRY.register(StartedAnHourAgo())
     REGISTRY.register(Ticker(script))
     start_http_server(args.port, addr="127.0.0.1")
     print(json.dumps(report), flush=True)

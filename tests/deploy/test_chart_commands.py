@@ -6,10 +6,9 @@ from __future__ import annotations
 import importlib
 import re
 
+import deploy_support as ds
 import pytest
 import yaml
-
-import deploy_support as ds
 
 SCENARIOS = ds.ci_values()
 
@@ -47,3 +46,28 @@ def test_command_lines_load_with_the_service_configs(rendered, scenario):
         if role == "learner":
             assert cfg.buffer.redis.url == RUNTIME_ENV["INSTRUCTRL_REDIS_URL"]
             assert (cfg.sync.master_addr, cfg.sync.master_port) == ("10.1.2.3", 29600)
+
+
+def load_worker_config(r: ds.Rendered, pod_name: str):
+    """The rollout worker's command line of a rendered rollout pod, expanded for a pod of that
+    name and loaded with the worker's own config dataclass."""
+    from instructrl.config import apply_overrides, from_dict
+    from instructrl.rollout.worker import WorkerConfig
+
+    worker = ds.containers(r.get("Deployment", "-rollout"))["worker"]
+    assert worker["args"][:3] == ["rollout-worker", "--config", "/etc/instructrl/config.yaml"]
+    env = {**RUNTIME_ENV, "POD_NAME": pod_name, **{e["name"]: e["value"] for e in worker["env"] if "value" in e}}
+    env = {k: _expand(v, env) for k, v in env.items()}  # $(POD_IP) inside INSTRUCTRL_ADVERTISE_ADDRESS
+    args = [_expand(a, env) for a in worker["args"][3:]]
+    assert not [a for a in args if "$(" in a], f"worker: unexpanded {args}"
+    data = yaml.safe_load(r.get("ConfigMap", "-config")["data"]["rollout-worker.yaml"]) or {}
+    return from_dict(WorkerConfig, apply_overrides(data, args))
+
+
+@pytest.mark.parametrize("scenario", sorted(s for s, v in SCENARIOS.items()
+                                            if v.get("rollout", {}).get("worker", {}).get("enabled", True)))
+def test_worker_command_line_loads_with_its_config(rendered, scenario):
+    cfg = load_worker_config(rendered[scenario], "rl-instructrl-rollout-7d9f-abcde")
+    assert cfg.rollout.address == "127.0.0.1:50051"
+    assert cfg.rollout_advertise == "10.1.2.3:50051"
+    assert cfg.buffer.redis.url == RUNTIME_ENV["INSTRUCTRL_REDIS_URL"]

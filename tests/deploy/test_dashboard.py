@@ -87,8 +87,8 @@ def test_alert_rules():
         assert not unknown, f"{r['alert']}: {unknown}"
         for by in re.findall(r"\b(?:sum|max|min|avg|count)\s*(by\s*\([^)]*\))?\s*\(", r["expr"]):
             assert "namespace" in by, f"{r['alert']}: an aggregation drops the namespace (deployment)"
-        link = r["annotations"]["runbook"]
-        assert link.startswith("docs/operations.md#") and link.split("#")[1] in anchors, link
+        link = r["annotations"]["runbook_url"]
+        assert link.startswith(ds.RUNBOOK_BASE + "#") and link.split("#")[1] in anchors, link
 
 
 def test_chart_ships_the_same_files():
@@ -97,3 +97,22 @@ def test_chart_ships_the_same_files():
         "copy deploy/grafana/instructrl.json to helm/instructrl/files/instructrl-dashboard.json"
     assert (files / "instructrl-alerts.yaml").read_text() == ds.ALERTS.read_text(), \
         "copy deploy/prometheus/instructrl-alerts.yaml to helm/instructrl/files/"
+
+
+def test_run_wide_gauges_are_never_summed_over_processes():
+    """instructrl_buffer_{depth,consumer_lag,pending} describe the run's Redis streams and may be
+    exported by several processes of one run (issue 13 bug 4: every worker and the learner, so a
+    sum read (replicas + 1) times the depth and the HPA fed on itself). Every dashboard query,
+    alert and autoscaling query takes their max (or min) over a run's series first."""
+    exprs = [(f"dashboard {w}", e) for w, e in ds.dashboard_queries()]
+    exprs += [(f"alert {r['alert']}", r["expr"]) for r in ds.alert_rules()]
+    exprs += [(f"adapter rule {m}", q) for m, q in ds.adapter_queries()]
+    wrong, seen = [], 0
+    for where, expr in exprs:
+        for gauge in ds.GLOBAL_GAUGES:
+            for agg in ds.enclosing_aggregations(expr, gauge):
+                seen += 1
+                if agg not in ("max", "min", "max_over_time", "min_over_time"):
+                    wrong.append(f"{where}: {agg or 'bare'}({gauge}) in {expr}")
+    assert seen >= 6, "the run-wide gauges are used somewhere"
+    assert not wrong, "\n".join(wrong)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import subprocess
 import time
 
-import pytest
-
 import deploy_support as ds
+import pytest
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +64,31 @@ def test_every_dashboard_query_returns_a_series(prometheus, metrics_targets):
         if not result:
             empty.append(f"{where}: {expr}")
     assert not empty, f"{len(empty)}/{len(queries)} dashboard queries returned nothing:\n" + "\n".join(empty)
-    # the dashboard's namespace variable: label_values(instructrl_learner_step, namespace)
-    assert {s["metric"].get("namespace") for s in prometheus.query("instructrl_learner_step")} >= {"healthy"}
+    # the dashboard's namespace variable: label_values(instructrl_learner_optimizer_step, namespace)
+    assert {s["metric"].get("namespace") for s in prometheus.query("instructrl_learner_optimizer_step")} >= {"healthy"}
+
+
+def _values(prometheus, query: str) -> dict:
+    return {frozenset((k, v) for k, v in s["metric"].items() if k != "namespace"): float(s["value"][1])
+            for s in prometheus.query(query)}
+
+
+def test_run_wide_gauges_read_once_however_many_processes_export_them(prometheus, replicated_targets):
+    """The same run seen through one process (namespace healthy) and through three processes
+    exporting the same buffer gauges (namespace replicated): every dashboard query and the
+    autoscaling query over those gauges read the same numbers (issue 13 bug 4)."""
+    queries = [(where, ds.grafana_to_promql(expr, namespace="{ns}")) for where, expr in ds.dashboard_queries()
+               if any(g in expr for g in ds.GLOBAL_GAUGES)]
+    queries += [(f"adapter {m}", q) for m, q in ds.adapter_queries(namespace="{ns}")]
+    assert len(queries) >= 5
+    assert len(prometheus.query('instructrl_buffer_depth{namespace="replicated",stream="prompts"}')) == 3
+    differ = []
+    for where, query in queries:
+        one = _values(prometheus, query.replace("{ns}", "healthy"))
+        three = _values(prometheus, query.replace("{ns}", "replicated"))
+        if not one or one != three:
+            differ.append(f"{where}: one process {one}, three processes {three}")
+    assert not differ, "\n".join(differ)
 
 
 def test_every_alert_selector_returns_a_series(prometheus):

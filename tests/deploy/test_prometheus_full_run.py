@@ -9,11 +9,10 @@ import json
 import subprocess
 import time
 
+import deploy_support as ds
 import grpc
 import pytest
 import yaml
-
-import deploy_support as ds
 from prometheus_api import Prometheus
 
 pytestmark = pytest.mark.slow
@@ -45,8 +44,9 @@ def test_dashboard_and_alert_queries_on_a_real_local_run(tmp_path):
         "worker": {"sampling": {"n": 2, "max_tokens": 8}, "claim_batch": 8},
         "learner": {"model": {"actor_path": str(model)},
                     "ppo": {"batch_size": 16, "minibatch_size": 16, "micro_batch_size": 8, "epochs": 1,
-                            "max_steps": 200},
-                    "buffer": {"max_policy_lag": 1, "capacity": 64}, "checkpoint": {"every": 1000}},
+                            "max_iterations": 200},
+                    "buffer": {"capacity": 64}, "pacing": {"max_policy_lag": 1},
+                    "checkpoint": {"every": 1000}},
     })
     prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()

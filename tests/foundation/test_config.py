@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import pytest
 
@@ -13,6 +14,7 @@ class PPO:
     kl_coef: float = field(0.1, help="beta")
     epochs: int = field(4, help="PPO epochs")
     estimator: str = field("k1", help="k1|k2|k3")
+    RENAMED: ClassVar[dict[str, str]] = {"max_steps": "ppo.max_iterations"}
 
 
 @dataclasses.dataclass
@@ -35,6 +37,7 @@ def test_yaml_and_overrides(tmp_path):
     (["ppo=3"], "ppo: expected a mapping"),
     (["tags=x"], "tags: expected a list"),
     (["novalue"], "expected key=value"),
+    (["ppo.max_steps=3"], "ppo.max_steps: this key was renamed; use ppo.max_iterations"),
 ])
 def test_errors_name_the_field(overrides, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -53,3 +56,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_help_lines_are_dotted():
     lines = help_lines(Top)
     assert "ppo.kl_coef (float, default 0.1): beta" in lines
+
+
+@dataclasses.dataclass
+class Worker:
+    ppo: PPO = field(default_factory=lambda: PPO(epochs=8), help="a section whose default differs from PPO()")
+    inner: Top = field(default_factory=lambda: Top(ppo=PPO(kl_coef=0.5), name="w"), help="two levels")
+
+
+def test_a_section_given_in_part_keeps_its_fields_default_instance():
+    """`ppo.kl_coef=...` alone must not reset `ppo.epochs` to PPO's class default."""
+    cfg = load(Worker, None, ["ppo.kl_coef=0.3", "inner.ppo.estimator=k3"])
+    assert cfg.ppo == PPO(kl_coef=0.3, epochs=8)
+    assert cfg.inner == Top(ppo=PPO(kl_coef=0.5, estimator="k3"), name="w")
+    assert load(Worker, None, []) == Worker()

@@ -20,13 +20,13 @@ def test_generated_stubs_match_protos(tmp_path):
     finally:
         sys.path.pop(0)
     written = gen_protos.generate(tmp_path)
-    committed = ROOT / "services" / "v1"
+    committed = ROOT / "services" / "instructrl" / "v1"
     fresh = {p.name for p in written}
     have = {p.name for p in committed.iterdir() if p.name.endswith((".py", ".pyi")) and p.name != "__init__.py"}
     assert fresh == have, f"stub files differ: missing {fresh - have}, stale {have - fresh}"
     for name in sorted(fresh):
         assert filecmp.cmp(tmp_path / name, committed / name, shallow=False), (
-            f"services/v1/{name} drifted from protos/: run `python scripts/gen_protos.py`")
+            f"services/instructrl/v1/{name} drifted from protos/: run `python scripts/gen_protos.py`")
 
 
 def test_every_proto_service_has_a_stub():

@@ -13,10 +13,17 @@ import sys
 
 import torch
 
-from instructrl.buffer import BufferConfig, RedisConfig
-from instructrl.codec import encode
-from instructrl.learner.config import (CheckpointConfig, DeepSpeedConfig, LearnerConfig, LoggingConfig,
-                                       ModelConfig, PPOConfig, SyncConfig)
+from instructrl.buffer import BufferConfig, PacingConfig, RedisConfig
+from instructrl.codec import logprobs, tokens
+from instructrl.learner.config import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    LearnerConfig,
+    LoggingConfig,
+    ModelConfig,
+    PPOConfig,
+    SyncConfig,
+)
 from instructrl.models.tiny import TinyModelConfig, build_tiny_llama
 from instructrl.serving.server import ServerConfig
 from instructrl.v1 import experience_pb2
@@ -65,10 +72,9 @@ def experience(sample_id: str, prompt: list[int], response: list[int], sampling_
                ref_lp: list[float], score: float, version: int) -> experience_pb2.Experience:
     return experience_pb2.Experience(
         sample_id=sample_id, prompt_id=sample_id.split("/")[0],
-        prompt_token_ids=encode(torch.tensor(prompt, dtype=torch.int32)),
-        response_token_ids=encode(torch.tensor(response, dtype=torch.int32)),
-        finish_reason="length", sampling_logprobs=encode(torch.tensor(sampling_lp, dtype=torch.float32)),
-        policy_version=version, ref_logprobs=encode(torch.tensor(ref_lp, dtype=torch.float32)),
+        prompt_token_ids=tokens(prompt), response_token_ids=tokens(response),
+        finish_reason="length", sampling_logprobs=logprobs(sampling_lp),
+        policy_version=version, ref_logprobs=logprobs(ref_lp),
         score=score, raw_score=score)
 
 
@@ -93,8 +99,8 @@ def config(tmp: pathlib.Path, model_dir: str, redis_url: str, run_id: str, **ppo
         model=ModelConfig(actor_path=model_dir),
         ppo=PPOConfig(**{"batch_size": 8, "minibatch_size": 4, "micro_batch_size": 2, "epochs": 1, **ppo}),
         deepspeed=DeepSpeedConfig(zero_stage=0, torch_threads=1),
-        buffer=BufferConfig(redis=RedisConfig(url=redis_url), run_id=run_id, block_ms=200,
-                            claim_idle_ms=1000, max_policy_lag=None),
+        buffer=BufferConfig(redis=RedisConfig(url=redis_url), run_id=run_id, block_ms=200, claim_idle_ms=1000),
+        pacing=PacingConfig(max_policy_lag=None),
         sync=SyncConfig(enabled=False, master_port=0),
         checkpoint=CheckpointConfig(dir=str(tmp / "ckpt"), every=1000, save_hf=False),
         server=ServerConfig(port=-1, metrics_port=-1),

@@ -1,18 +1,18 @@
-"""Records -> padded tensors: shapes, the position convention, padding invariance; dedup; ptx; config."""
+"""Records -> padded tensors: shapes, the position convention, padding invariance; ptx; config."""
 from __future__ import annotations
 
 import pytest
 import torch
+from learner_testkit import build_tiny, experience, random_records
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import ConfigError, load
-from instructrl.learner.batch import broadcast_batch, fresh_records, from_records
+from instructrl.learner.batch import broadcast_batch, from_records
 from instructrl.learner.config import LearnerConfig
-from instructrl.learner.engine import loss_divisor, policy_forward, value_forward
-from instructrl.learner.models import load_critic
+from instructrl.learner.models import load_critic, policy_forward, value_forward
 from instructrl.learner.ptx import PtxData
+from instructrl.learner.update import loss_divisor
 from instructrl.rl import policy_loss
-from learner_testkit import build_tiny, experience, random_records
 
 
 def test_from_records_layout():
@@ -42,13 +42,15 @@ def test_padded_batch_matches_each_record_alone(tmp_path):
     critic = load_critic("", model_dir)
     torch.nn.init.normal_(critic.seq_cls.score.weight)  # a non-zero head, so values mean something
     recs = random_records(5, vocab=300, seed=0)
+    for rec in recs:
+        rec.temperature = 0.7  # the sampling temperature each record carries
     batch = from_records(recs, [0] * 5, pad_id=0)
     with torch.no_grad():
-        logprobs, logits = policy_forward(actor, batch, temperature=0.7)
+        logprobs, logits = policy_forward(actor, batch)
         values = value_forward(critic, batch)
         for i, rec in enumerate(recs):
             alone = from_records([rec], [0], pad_id=0)
-            lp, _ = policy_forward(actor, alone, temperature=0.7)
+            lp, _ = policy_forward(actor, alone)
             T = alone.num_tokens
             torch.testing.assert_close(logprobs[i, :T], lp[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(values[i, :T], value_forward(critic, alone)[0], atol=1e-5, rtol=1e-5)
@@ -73,14 +75,6 @@ def test_micro_batch_losses_sum_to_the_minibatch_loss():
     torch.testing.assert_close(sum(parts) / (W * G), full)  # DeepSpeed: / G per rank, mean over W ranks
 
 
-def test_fresh_records_drops_held_sample_ids():
-    recs = random_records(4, vocab=300, seed=1)
-    seen = {recs[1].sample_id}
-    keep, lags = fresh_records(recs + [recs[2]], [0, 1, 2, 3, 2], seen)
-    assert [r.sample_id for r in keep] == [recs[i].sample_id for i in (0, 2, 3)] and lags == [0, 2, 3]
-    assert seen == {r.sample_id for r in recs}
-
-
 def test_ptx_batches_are_disjoint_per_rank_and_resumable(tmp_path):
     model_dir = build_tiny(tmp_path / "m")
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -100,10 +94,13 @@ def test_ptx_batches_are_disjoint_per_rank_and_resumable(tmp_path):
 def test_config_yaml_overrides_and_validation(tmp_path):
     f = tmp_path / "l.yaml"
     f.write_text("model: {actor_path: /m}\nppo: {batch_size: 32, minibatch_size: 8}\nbuffer: {run_id: r1}\n")
-    cfg = load(LearnerConfig, f, ["ppo.kl_coef=0.1", "deepspeed.zero_stage=3", "buffer.max_policy_lag=null"])
+    cfg = load(LearnerConfig, f, ["ppo.kl_coef=0.1", "deepspeed.zero_stage=3", "pacing.max_policy_lag=null"])
     assert (cfg.ppo.batch_size, cfg.ppo.kl_coef, cfg.deepspeed.zero_stage) == (32, 0.1, 3)
-    assert cfg.buffer.run_id == "r1" and cfg.buffer.max_policy_lag is None
+    assert cfg.buffer.run_id == "r1" and cfg.pacing.max_policy_lag is None
     for bad in (["ppo.minibatch_size=7"], ["ppo.kl_kind=k9"], ["deepspeed.zero_stage=4"], ["ppo.ptx_coef=1"],
-                ["ppo.nope=1"]):
+                ["ppo.nope=1"], ["pacing.stale_policy=fix"], ["pacing.max_policy_lag=-1"]):
         with pytest.raises((ConfigError, ValueError)):
             load(LearnerConfig, f, bad)
+    for old, new in (("max_policy_lag", "pacing.max_policy_lag"), ("stale_policy", "pacing.stale_policy")):
+        with pytest.raises(ConfigError, match=rf"buffer\.{old}: this key was renamed; use {new} \(a learner"):
+            load(LearnerConfig, f, [f"buffer.{old}=1"])

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from learner_testkit import build_tiny, config, random_records, read_jsonl, start_learner, write_config
 from safetensors.torch import load_file
 
 from instructrl.buffer import ExperienceBuffer
-from learner_testkit import build_tiny, config, random_records, read_jsonl, start_learner, write_config
 
 STATS = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "explained_variance", "kl_to_ref")
 
@@ -29,7 +29,7 @@ def test_two_ranks_equal_one_rank(tmp_path, redis_url, run_id):
         out = tmp_path / name
         out.mkdir()
         cfg = config(out, model_dir, redis_url, f"{run_id}-{name}", batch_size=8, minibatch_size=4,
-                     micro_batch_size=1, epochs=2, max_steps=1, actor_lr=0.1, critic_lr=0.1,
+                     micro_batch_size=1, epochs=2, max_iterations=1, actor_lr=0.1, critic_lr=0.1,
                      adam_eps=1.0, kl_coef=0.05)
         cfg.deepspeed.zero_stage = zero_stage
         cfg.checkpoint.save_hf = True
@@ -37,7 +37,7 @@ def test_two_ranks_equal_one_rank(tmp_path, redis_url, run_id):
             buf.put(records)
         proc = start_learner(write_config(cfg, out / "learner.yaml"), out / "learner.log", nproc=nproc)
         assert proc.wait(240) == 0, (out / "learner.log").read_text()[-4000:]
-        weights = load_file(str(out / "ckpt" / "step-00000001" / "actor_hf" / "model.safetensors"))
+        weights = load_file(str(out / "ckpt" / "iteration-00000001" / "actor_hf" / "model.safetensors"))
         return weights, read_jsonl(out / "metrics.jsonl")[-1]
 
     one, one_stats = run("one", 1, 0)
@@ -48,7 +48,8 @@ def test_two_ranks_equal_one_rank(tmp_path, redis_url, run_id):
         two, two_stats = run(name, 2, stage)
         assert one.keys() == two.keys()
         for k in one:
-            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-6, msg=lambda m, k=k: f"{name} {k}: {m}")
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-6,
+                                       msg=lambda m, k=k, name=name: f"{name} {k}: {m}")
         for key in STATS:
             assert two_stats[key] == pytest.approx(one_stats[key], rel=1e-4, abs=1e-6), (name, key)
 
@@ -64,7 +65,7 @@ def test_resume_on_another_rank_count_continues_the_same_curve(tmp_path, redis_u
     def cfg_for(name: str, steps: int):
         (tmp_path / name).mkdir(exist_ok=True)
         cfg = config(tmp_path / name, model_dir, redis_url, f"{run_id}-{name}", batch_size=8, minibatch_size=4,
-                     micro_batch_size=1, epochs=2, max_steps=steps, actor_lr=1e-2, critic_lr=1e-2)
+                     micro_batch_size=1, epochs=2, max_iterations=steps, actor_lr=1e-2, critic_lr=1e-2)
         cfg.deepspeed.zero_stage = zero_stage
         cfg.checkpoint.every = 1
         return cfg
@@ -80,7 +81,7 @@ def test_resume_on_another_rank_count_continues_the_same_curve(tmp_path, redis_u
     run("straight", 2, 2)
     run("resumed", 1, first)
     run("resumed", 2, then)
-    assert (tmp_path / "resumed" / "ckpt" / "step-00000001" / "universal" / "actor").is_dir()
+    assert (tmp_path / "resumed" / "ckpt" / "iteration-00000001" / "universal" / "actor").is_dir()
     straight, resumed = (read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("straight", "resumed"))
     assert [x["policy_version"] for x in resumed] == [1, 2] and resumed[-1]["samples_trained"] == 16
     for key in ("policy_loss", "value_loss", "approx_kl", "entropy", "reward_mean"):

@@ -14,10 +14,10 @@ import signal
 import time
 
 import pytest
+from learner_testkit import build_tiny, config, random_records, read_jsonl, start_learner, write_config
 
 from instructrl.buffer import ExperienceBuffer, Keys, redis_from_url
 from instructrl.learner.reader import ExperienceReader
-from learner_testkit import build_tiny, config, random_records, read_jsonl, start_learner, write_config
 
 STEPS, BATCH = 6, 4
 
@@ -37,7 +37,7 @@ def _wait(pred, timeout_s: float, proc=None, what: str = "") -> None:
 def test_sigkill_resume_trains_each_record_once(tmp_path, redis_url, run_id):
     model_dir = build_tiny(tmp_path / "sft")
     cfg = config(tmp_path, model_dir, redis_url, run_id, batch_size=BATCH, minibatch_size=2,
-                 micro_batch_size=1, max_steps=STEPS, actor_lr=1e-3)
+                 micro_batch_size=1, max_iterations=STEPS, actor_lr=1e-3)
     cfg.checkpoint.every = 3
     cfg.logging.log_sample_ids = True
     records = random_records(STEPS * BATCH, vocab=300, seed=1)
@@ -76,7 +76,7 @@ def test_sigkill_resume_trains_each_record_once(tmp_path, redis_url, run_id):
     trained = [sid for x in lineage for sid in x["sample_ids"]]
     assert sorted(trained) == sorted(r.sample_id for r in records)  # each exactly once
     assert lineage[-1]["samples_trained"] == STEPS * BATCH
-    assert lineage[-1]["optimizer_steps"] == STEPS * BATCH // 2
+    assert lineage[-1]["optimizer_step"] == STEPS * BATCH // 2
 
     client = redis_from_url(redis_url)
     keys = Keys.for_run(run_id)
@@ -91,13 +91,42 @@ def test_replayed_commit_of_a_checkpoint(tmp_path, redis_url, run_id):
     records = random_records(5, vocab=300, seed=2)
     with ExperienceBuffer.open(cfg.buffer) as buf:
         buf.put(records)
-        reader = ExperienceReader(buf, "learner-0", 3)
+        reader = ExperienceReader(buf, "learner-0", 3, cfg.pacing)
         got, lags = reader.fill(0, lambda: False)
         assert [r.sample_id for r in got] == [r.sample_id for r in records[:3]] and lags == [0, 0, 0]
         saved = reader.uncommitted()  # what the checkpoint would hold; then "SIGKILL"
-        restarted = ExperienceReader(buf, "learner-0", 2)
+        restarted = ExperienceReader(buf, "learner-0", 2, cfg.pacing)
         restarted.commit_saved(saved, tag="v1")
         cfg.buffer.claim_idle_ms = 0  # reclaim everything pending now: the committed ones are filtered
-        again = ExperienceReader(ExperienceBuffer.open(cfg.buffer), "learner-0", 2)
+        again = ExperienceReader(ExperienceBuffer.open(cfg.buffer), "learner-0", 2, cfg.pacing)
         rest, _ = again.fill(1, lambda: False)
         assert sorted(r.sample_id for r in rest) == sorted(r.sample_id for r in records[3:])
+
+
+@pytest.mark.slow
+def test_an_iteration_is_logged_before_its_checkpoint(tmp_path, redis_url, run_id):
+    """A learner killed after a checkpoint resumes past it and never trains that iteration
+    again: its line (the trained sample_ids) must already be in the log, or the lineage's
+    trained log misses records the checkpoint committed (found by the cluster bed's scenario 4,
+    a SIGKILL between the checkpoint and the line)."""
+    import pathlib
+
+    model_dir = build_tiny(tmp_path / "sft")
+    cfg = config(tmp_path, model_dir, redis_url, run_id, batch_size=BATCH, minibatch_size=2,
+                 micro_batch_size=1, max_iterations=2)
+    cfg.checkpoint.every = 1
+    cfg.logging.log_sample_ids = True
+    with ExperienceBuffer.open(cfg.buffer) as buf:
+        buf.put(random_records(2 * BATCH, vocab=300, seed=3))
+    log = tmp_path / "run.jsonl"
+    proc = start_learner(write_config(cfg, tmp_path / "learner.yaml"), tmp_path / "run.log", f"logging.jsonl={log}")
+    try:
+        assert proc.wait(300) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    lines = {x["policy_version"]: x for x in read_jsonl(log)}
+    for v in (1, 2):
+        state = pathlib.Path(cfg.checkpoint.dir) / f"iteration-{v:08d}" / "state.json"
+        assert lines[v]["time"] <= state.stat().st_mtime, f"v{v}: the checkpoint was written before the line"

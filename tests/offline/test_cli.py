@@ -65,3 +65,20 @@ def test_config_errors_name_the_field(tmp_path, capsys):
     assert "data.train_file: required" in capsys.readouterr().err
     assert sft.main(["model=m", "output_dir=o", "data.train_file=x", "optim.lrr=1"]) == 2
     assert "optim.lrr: unknown field" in capsys.readouterr().err
+
+
+def test_demo_shows_a_stage_progress(tiny_model, task_files, tmp_path, monkeypatch):
+    """issue 16: `instructrl demo` said nothing during SFT and RM. Without the progress bar a stage
+    prints a line per train/eval line of its log, and the demo echoes them as the stage runs."""
+    from instructrl.demo.main import _run
+
+    for k in DIST_ENV:
+        monkeypatch.delenv(k, raising=False)
+    shown: list[str] = []
+    _run("sft", ["sft", f"model={tiny_model}", f"output_dir={tmp_path / 'out'}",
+                 f"data.train_file={task_files['demos']}", f"data.eval_file={task_files['demos_eval']}",
+                 "train.max_steps=3", "train.micro_batch_size=4", "train.log_every=1", "train.progress=false"],
+         tmp_path, echo=shown.append, echo_every_s=0.0)
+    assert [x.split(":")[0] for x in shown] == ["sft step 1/3 train", "sft step 2/3 train", "sft step 3/3 train",
+                                                "sft step 3/3 eval"]
+    assert all("loss " in x for x in shown)

@@ -27,11 +27,13 @@ GOOD = {"prompt": "sort: 2 1 =>", "responses": [" 1 2", " 2 1"]}
     ({"prompt": "p", "responses": [f" {i}" for i in range(10)]}, D.read_rankings,
      r":2: field 'responses': K = 10 responses; need 2 to 9"),
     ({"prompt": "p", "responses": " a b"}, D.read_rankings, r":2: field 'responses': expected a list"),
-    ({"prompt": "p", "responses": [" a", 7]}, D.read_rankings, r":2: field 'responses\[1\]': expected a string, got int"),
+    ({"prompt": "p", "responses": [" a", 7]}, D.read_rankings,
+     r":2: field 'responses\[1\]': expected a string, got int"),
     ({"prompt": "p", "responses": [" a", " b"], "chosen": " a"}, D.read_rankings,
      r":2: field 'responses': give either"),
     ({"prompt": "p", "chosen": " a"}, D.read_pairs, r":2: field 'rejected': missing"),
-    ({"prompt": "p", "response": None}, D.read_demonstrations, r":2: field 'response': expected a string, got NoneType"),
+    ({"prompt": "p", "response": None}, D.read_demonstrations,
+     r":2: field 'response': expected a string, got NoneType"),
     ({"prompt": "", "response": " a"}, D.read_demonstrations, r":2: field 'prompt': empty"),
 ])
 def test_errors_name_file_line_and_field(tmp_path, bad_line, reader, message):

@@ -9,7 +9,7 @@ import torch
 from instructrl.config import from_dict
 from instructrl.demo import task as T
 from instructrl.offline import data as D
-from instructrl.offline import dpo, engine, rm, sft
+from instructrl.offline import dpo, output, rm, sft
 
 
 def _metrics(out_dir):
@@ -69,7 +69,7 @@ def test_failed_run_leaves_nothing_half_written(tiny_model, task_files, tmp_path
         (stage / "model.safetensors").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(engine, "save_hf", crash)
+    monkeypatch.setattr(output, "save_hf", crash)
     with pytest.raises(OSError, match="disk full"):
         sft.train(_sft_cfg(tiny_model, out, task_files))
     assert [p.name for p in out.iterdir()] == ["previous.txt"]  # the old output is untouched
@@ -147,7 +147,8 @@ def test_reward_model_learns_the_rankings(sft_run, task_files, tmp_path):
 
 
 def test_kwise_loss_gets_all_responses_of_a_prompt_in_one_row(sft_run, tmp_path, monkeypatch):
-    records = (T.make_rankings(6, 0, T.TaskConfig(num_responses=2)) + T.make_rankings(6, 1, T.TaskConfig(num_responses=5))
+    records = (T.make_rankings(6, 0, T.TaskConfig(num_responses=2))
+               + T.make_rankings(6, 1, T.TaskConfig(num_responses=5))
                + [{"prompt": "copy: a b =>", "chosen": " a b", "rejected": " a"}])
     path = T.write_jsonl(tmp_path / "mixed.jsonl", records)
     calls, real = [], rm.kwise_ranking_loss

@@ -43,7 +43,7 @@ def test_matches_plain_transformers_forward(sft_model_dir, reference_scorer):
     hf = AutoModelForCausalLM.from_pretrained(sft_model_dir, dtype=torch.float32).eval()
     xs = _inputs(0, 6) + [LogProbsInput([7, 8], 1)]
     got = _run(reference_scorer, xs)
-    for x, lp in zip(xs, got):
+    for x, lp in zip(xs, got, strict=True):
         want = _plain(hf, x)
         assert len(lp) == len(x.token_ids) - x.response_start
         assert torch.tensor(lp, dtype=torch.float32).dtype == torch.float32
@@ -54,7 +54,7 @@ def test_batched_equals_unbatched_and_logits_to_keep_is_exact(reference_scorer):
     xs = _inputs(1, 8)
     batched = _run(reference_scorer, xs)
     single = _run(reference_scorer, xs, batched=False)
-    for b, s in zip(batched, single):
+    for b, s in zip(batched, single, strict=True):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(s), atol=ATOL, rtol=0)
     assert reference_scorer._logits_to_keep  # Llama supports it: prompt positions skip the LM head
     reference_scorer._logits_to_keep = False
@@ -62,7 +62,7 @@ def test_batched_equals_unbatched_and_logits_to_keep_is_exact(reference_scorer):
         full = _run(reference_scorer, xs)
     finally:
         reference_scorer._logits_to_keep = True
-    for b, f in zip(batched, full):
+    for b, f in zip(batched, full, strict=True):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(f), atol=ATOL, rtol=0)
 
 

@@ -17,10 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
+from instructrl.codec import logprob_array, logprobs, tokens
 from instructrl.reference.client import ReferenceClient
 from instructrl.reference.config import ReferenceConfig
 from instructrl.reference.scorer import LogProbsInput
-from instructrl.reference.server import SERVICE_NAME, ReferenceServer
+from instructrl.reference.server import SERVICE_NAME, reference_server
 from instructrl.serving.batcher import BatchingConfig
 from instructrl.serving.client import ClientConfig, aio_channel, wait_healthy
 from instructrl.serving.server import ServerConfig
@@ -31,7 +32,7 @@ ATOL = 1e-5
 
 @contextlib.asynccontextmanager
 async def running(cfg: ReferenceConfig, scorer=None):
-    srv = await ReferenceServer(cfg, scorer).start()
+    srv = await reference_server(cfg, scorer).start()
     try:
         yield srv
     finally:
@@ -50,7 +51,7 @@ def _unbatched(scorer, xs):
 
 def _req(*items) -> reference_pb2.LogProbsRequest:
     return reference_pb2.LogProbsRequest(
-        items=[reference_pb2.LogProbsItem(token_ids=ids, response_start=s) for ids, s in items])
+        items=[reference_pb2.LogProbsItem(token_ids=tokens(ids), response_start=s) for ids, s in items])
 
 
 def test_errors_keep_the_service_up_and_token_auth(sft_model_dir, reference_scorer):
@@ -61,6 +62,8 @@ def test_errors_keep_the_service_up_and_token_auth(sft_model_dir, reference_scor
         "no prompt": _req(([1, 2, 3], 0)),
         "out of vocabulary": _req(([1, 999, 3], 1)),
         "too long": _req(([5] * 200, 100)),
+        "token ids not INT32": reference_pb2.LogProbsRequest(items=[reference_pb2.LogProbsItem(
+            token_ids=logprobs([1.0, 2.0]), response_start=1)]),
     }
     want = _unbatched(reference_scorer, [LogProbsInput([4, 5, 6, 7], 2)])
 
@@ -115,10 +118,10 @@ def test_load_32_concurrent_clients_match_unbatched(sft_model_dir, reference_sco
             return got, after - before
 
     got, forwards = asyncio.run(main())
-    for g_client, w_client in zip(got, want):
-        for g_req, w_req in zip(g_client, w_client):
+    for g_client, w_client in zip(got, want, strict=True):
+        for g_req, w_req in zip(g_client, w_client, strict=True):
             assert len(g_req) == len(w_req)
-            for g, w in zip(g_req, w_req):
+            for g, w in zip(g_req, w_req, strict=True):
                 torch.testing.assert_close(torch.tensor(g), torch.tensor(w), atol=ATOL, rtol=0)
     assert forwards < 128 / 2, f"{forwards} forward passes for 128 requests: batching did not merge"
 
@@ -140,7 +143,7 @@ def test_cli_subprocess_serves_health_and_logprobs(sft_model_dir, tmp_path):
             await ch.close()
             return resp
         resp = asyncio.run(main())
-        assert len(resp.results[0].logprobs) == 2
+        assert len(logprob_array(resp.results[0].logprobs)) == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -52,7 +52,7 @@ def test_batched_equals_unbatched(reward_scorer):
     batched = score(reward_scorer, xs, batched=True)
     single = score(reward_scorer, xs, batched=False)
     assert len(batched) == len(xs)
-    for b, s in zip(batched, single):
+    for b, s in zip(batched, single, strict=True):
         assert b == pytest.approx(s, abs=ATOL)
     assert len({round(v, 4) for v in batched}) == len(xs)  # the scores do differ per input
 

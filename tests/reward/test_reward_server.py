@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from instructrl.reward.client import RewardClient, score_request
 from instructrl.reward.config import RewardConfig
 from instructrl.reward.scorer import ScoreInput, score
-from instructrl.reward.server import SERVICE_NAME, RewardServer
+from instructrl.reward.server import SERVICE_NAME, reward_server
 from instructrl.serving.batcher import BatchingConfig
 from instructrl.serving.client import ClientConfig, aio_channel, wait_healthy
 from instructrl.serving.server import ServerConfig
@@ -35,7 +35,7 @@ def _cfg(model_dir, **kw) -> RewardConfig:
 
 @contextlib.asynccontextmanager
 async def running(cfg: RewardConfig, scorer=None):
-    srv = await RewardServer(cfg, scorer).start()
+    srv = await reward_server(cfg, scorer).start()
     try:
         yield srv
     finally:
@@ -67,6 +67,9 @@ def test_score_errors_and_metrics(reward_model_dir, reward_scorer):
         "out of vocabulary": score_request([([1, 2], [300])]),
         "negative id": score_request([([1, -5], [3])]),
         "too long": score_request([([4] * 120, [5] * 20)]),
+        "token ids not INT32": reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(
+            prompt=seq(text="a"), response=seq(token_ids=common_pb2.Tensor(datatype="INT64", shape=[1],
+                                                                          raw_data=b"\x01" + b"\x00" * 7)))]),
     }
 
     async def main():
@@ -151,15 +154,15 @@ def test_load_32_concurrent_clients_match_unbatched(reward_model_dir, reward_sco
             return got, _batches() - before
 
     got, forwards = asyncio.run(main())
-    for g_client, w_client in zip(got, want):
-        for g, w in zip(g_client, w_client):
+    for g_client, w_client in zip(got, want, strict=True):
+        for g, w in zip(g_client, w_client, strict=True):
             assert g == pytest.approx(w, abs=ATOL)
     assert forwards < 128 / 2, f"{forwards} forward passes for 128 requests: batching did not merge"
 
 
 def test_graceful_stop_finishes_in_flight_requests(reward_model_dir, reward_scorer):
     async def main():
-        srv = await RewardServer(_cfg(reward_model_dir, batching=BatchingConfig(max_wait_ms=200)),
+        srv = await reward_server(_cfg(reward_model_dir, batching=BatchingConfig(max_wait_ms=200)),
                                  reward_scorer).start()
         async with RewardClient(ClientConfig(address=f"127.0.0.1:{srv.port}")) as c:
             calls = [asyncio.ensure_future(c.score([("a", f"b {k}")])) for k in range(8)]
@@ -248,7 +251,6 @@ def test_saved_normalisation_is_the_same_on_every_replica(reward_model_dir, rewa
     import shutil
 
     from instructrl.config import ConfigError
-    from instructrl.reward.server import RewardServer
 
     model = tmp_path / "rm"
     shutil.copytree(reward_model_dir, model)
@@ -274,4 +276,4 @@ def test_saved_normalisation_is_the_same_on_every_replica(reward_model_dir, rewa
     cfg = _cfg(model)
     cfg.normalization.enabled, cfg.normalization.source = True, "saved"
     with pytest.raises(ConfigError, match="reward_mean"):
-        RewardServer(cfg, reward_scorer)
+        reward_server(cfg, reward_scorer)

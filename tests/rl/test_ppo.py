@@ -104,7 +104,8 @@ def test_micro_batches_with_num_tokens_equal_full_batch():
     full_grad = torch.autograd.grad(full, new)[0]
     n = mask.sum().item()
     accumulated = sum(
-        policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2, num_tokens=n)[0] for i in range(B)
+        policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2, num_tokens=n)[0]
+        for i in range(B)
     )
     torch.testing.assert_close(accumulated, full)
     torch.testing.assert_close(torch.autograd.grad(accumulated, new)[0], full_grad)
@@ -166,6 +167,20 @@ def test_entropy():
     torch.testing.assert_close(entropy_from_logits(logits), expected)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert mean_entropy(logits, mask).item() == pytest.approx(expected[mask.bool()].mean().item(), rel=1e-5)
+
+
+def test_entropy_with_minus_inf_logits():
+    """Masked / top-k-filtered logits (-inf) add nothing: 4 equal finite logits of 7 -> log 4,
+    finite, and the gradient is finite too (it was NaN: 0 * -inf)."""
+    logits = torch.zeros(1, 2, 7)
+    logits[..., 4:] = float("-inf")
+    logits.requires_grad_(True)
+    h = entropy_from_logits(logits)
+    torch.testing.assert_close(h, torch.full((1, 2), math.log(4)))
+    h.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    mask = torch.ones(1, 2)
+    assert math.isfinite(mean_entropy(logits, mask).item())
 
 
 def test_lm_loss_shift_and_ignore_index():

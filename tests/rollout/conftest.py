@@ -8,10 +8,9 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+from rollout_process import RolloutProcess
 
 from instructrl.models.tiny import TinyModelConfig, build_tiny_llama
-
-from rollout_process import RolloutProcess
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 
 from instructrl.config import ConfigError, load
+from instructrl.rollout.client import sampling_message
 from instructrl.rollout.config import RolloutConfig
 from instructrl.rollout.domain import Sampling, check_prompt_ids, resolve_sampling
+from instructrl.rollout.server import _sampling
 from instructrl.rollout.server import main as serve_main
 from instructrl.rollout.worker import WorkerConfig
 from instructrl.serving.errors import InvalidArgument
@@ -55,3 +57,13 @@ def test_config_loading_and_errors(tmp_path, capsys):
     assert w.rollout.address == "h:1" and w.buffer.run_id == "r1" and w.learner.address == ""
     with pytest.raises(ValueError):
         load(WorkerConfig, None, ["reward_input=json"])
+    with pytest.raises(ConfigError, match=r"buffer\.max_policy_lag: .*use pacing\.max_policy_lag \(a learner"):
+        load(WorkerConfig, None, ["buffer.max_policy_lag=2"])  # staleness is the learner's, not the worker's
+
+
+def test_one_sampling_type_from_worker_config_to_the_engine():
+    """The worker's `sampling.*` is the engine's `Sampling`; the proto is only its wire form."""
+    w = load(WorkerConfig, None, ["sampling.temperature=0.7", "sampling.stop=[x]", "sampling.seed=5"])
+    assert isinstance(w.sampling, Sampling) and w.sampling == Sampling(n=4, temperature=0.7, stop=["x"], seed=5)
+    for s in (w.sampling, Sampling(), Sampling(n=2, top_p=0.5, top_k=3, max_tokens=9, skip_special_tokens=False)):
+        assert _sampling(sampling_message(s)) == s

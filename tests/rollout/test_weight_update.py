@@ -14,7 +14,9 @@ import grpc
 import pytest
 import torch
 
-from instructrl.rollout.client import RolloutClient, sampling_params
+from instructrl.codec import token_array
+from instructrl.rollout.client import RolloutClient
+from instructrl.rollout.domain import Sampling
 from instructrl.serving.client import ClientConfig, sync_channel
 from instructrl.v1 import rollout_pb2, rollout_pb2_grpc
 from instructrl.weight_sync import WeightSyncCoordinator
@@ -34,8 +36,8 @@ def server(rollout_server_factory, tiny_model_dir):
 def _greedy(address: str) -> tuple[list[list[int]], int]:
     async def run():
         async with RolloutClient(ClientConfig(address=address)) as c:
-            r = await c.generate(PROMPTS, sampling_params(temperature=0.0, max_tokens=MAX_NEW), timeout_s=60)
-            return [list(p.completions[0].token_ids) for p in r.results], r.policy_version
+            r = await c.generate(PROMPTS, Sampling(temperature=0.0, max_tokens=MAX_NEW), timeout_s=60)
+            return [token_array(p.completions[0].token_ids).tolist() for p in r.results], r.policy_version
     return asyncio.run(run())
 
 
@@ -76,7 +78,7 @@ def test_update_then_greedy_matches_transformers(server, tiny_model_dir):
         coord.set_replicas([server.address])
         for version, seed in ((1, 1), (2, 2)):  # the second sync reuses the group
             model = _perturbed(tiny_model_dir, seed)
-            res = coord.sync(lambda: model.named_parameters(), version)
+            res = coord.sync(model.named_parameters, version)
             assert res.replicas_ok == [server.address] and res.replicas_failed == [], res
             assert res.bytes >= sum(p.numel() * 4 for p in model.parameters())
             got, v = _greedy(server.address)

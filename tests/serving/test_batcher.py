@@ -50,7 +50,7 @@ def test_padded_token_and_size_limits():
         fwd = Recorder()
         # padded tokens: longest x items <= 40; lengths 10,10,10,30 -> [10,10,10] (30) then [30] (30)
         b = await DynamicBatcher(fwd, BatchingConfig(max_batch_tokens=40, max_wait_ms=20), "t").start()
-        await asyncio.gather(*[b.submit([x], [n]) for x, n in zip(range(4), (10, 10, 10, 30))])
+        await asyncio.gather(*[b.submit([x], [n]) for x, n in zip(range(4), (10, 10, 10, 30), strict=True)])
         assert fwd.batches == [[0, 1, 2], [3]]
         fwd.batches.clear()
         # an item longer than max_batch_tokens still runs, alone

@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from instructrl.codec import logprob_array, logprobs, token_array, tokens
 from instructrl.serving.client import ClientConfig, aio_channel, sync_channel
 from instructrl.serving.errors import ResourceExhausted
 from instructrl.serving.server import GrpcServer, ServerConfig, TLSConfig
@@ -27,7 +28,7 @@ class _EchoLengths(reference_pb2_grpc.ReferenceServiceServicer):
         if len(request.items) > 3:
             raise ResourceExhausted("too many items")
         return reference_pb2.LogProbsResponse(results=[
-            reference_pb2.LogProbsResult(logprobs=[0.0] * (len(i.token_ids) - i.response_start))
+            reference_pb2.LogProbsResult(logprobs=logprobs([0.0] * (len(token_array(i.token_ids)) - i.response_start)))
             for i in request.items])
 
 
@@ -38,7 +39,7 @@ def _start(cfg: ServerConfig) -> GrpcServer:
 
 def _req(n: int) -> reference_pb2.LogProbsRequest:
     return reference_pb2.LogProbsRequest(
-        items=[reference_pb2.LogProbsItem(token_ids=[1, 2, 3], response_start=1)] * n)
+        items=[reference_pb2.LogProbsItem(token_ids=tokens([1, 2, 3]), response_start=1)] * n)
 
 
 def test_health_reflection_errors_and_metrics():
@@ -54,7 +55,7 @@ def test_health_reflection_errors_and_metrics():
         assert NAME in names and "grpc.health.v1.Health" in names
         stub = reference_pb2_grpc.ReferenceServiceStub(ch)
         ok = await stub.LogProbs(_req(2))
-        assert [len(r.logprobs) for r in ok.results] == [2, 2]
+        assert [len(logprob_array(r.logprobs)) for r in ok.results] == [2, 2]
         for req, code in ((_req(0), grpc.StatusCode.INVALID_ARGUMENT),
                           (_req(5), grpc.StatusCode.RESOURCE_EXHAUSTED)):
             with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -176,3 +177,33 @@ def test_mtls_with_the_mounted_certificate_over_real_sockets(tmp_path, monkeypat
         finally:
             await srv.stop(0)
     asyncio.run(main())
+
+
+def test_a_client_finds_a_server_that_starts_late_within_seconds():
+    """A worker's channel is made before its rollout server has loaded vLLM; after 25 s of
+    refused connections gRPC's default backoff would wait up to ~20 s more (it grows to 120 s)."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def run() -> float:
+        ch = aio_channel(ClientConfig(address=f"127.0.0.1:{port}"))
+        stub = reference_pb2_grpc.ReferenceServiceStub(ch)
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:  # the server is not there yet
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.LogProbs(_req(1), timeout=1)
+            await asyncio.sleep(1)
+        server = _start(ServerConfig(host="127.0.0.1", port=port, metrics_port=-1))
+        await server.start()
+        t0 = time.monotonic()
+        try:
+            await stub.LogProbs(_req(1), timeout=10, wait_for_ready=True)
+            return time.monotonic() - t0
+        finally:
+            await ch.close()
+            await server.stop(0)
+    assert asyncio.run(run()) < 3.0

@@ -18,7 +18,7 @@ def test_buckets_respect_the_cap_and_keep_order():
     m = plan_buckets(_meta([100, 200, 300, 50, 400, 10]), bucket_bytes=1024)  # fp32: 400, 800, ... bytes
     assert [p.name for p in m.params] == [f"p{i}" for i in range(6)]
     assert [p.bucket for p in m.params] == sorted(p.bucket for p in m.params)  # never goes back
-    for b, group in zip(m.buckets, params_by_bucket(m)):
+    for b, group in zip(m.buckets, params_by_bucket(m), strict=True):
         assert b.nbytes <= 1024 or len(group) == 1  # p2 (1200 B) alone
     for p in m.params:
         assert p.offset % ALIGN == 0 and p.nbytes == math.prod(p.shape) * 4
@@ -37,7 +37,7 @@ def test_params_share_a_bucket_until_full_and_slices_do_not_overlap():
     assert [len(g) for g in params_by_bucket(m)] == [4, 4, 2]
     for group in params_by_bucket(m):
         spans = sorted((p.offset, p.offset + p.nbytes) for p in group)
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
     assert total_bytes(m) == sum(b.nbytes for b in m.buckets)
 
 
@@ -49,7 +49,7 @@ def test_mixed_dtypes_round_trip_through_pack_and_unpack():
     m = plan_buckets([(n, t.dtype, tuple(t.shape)) for n, t in named], bucket_bytes=128)
     validate(m)
     out = {}
-    for b, group in zip(m.buckets, params_by_bucket(m)):
+    for b, group in zip(m.buckets, params_by_bucket(m), strict=True):
         buf = torch.zeros(b.nbytes, dtype=torch.uint8)
         pack_into(buf, group, [dict(named)[p.name] for p in group])
         out.update(unpack(buf, group))

@@ -1,88 +1,10 @@
-{{/* The pod template of the four instructrl roles and the pieces it is made of. */}}
-
-{{/*
-Environment every instructrl container gets. Call with (dict "ctx" $ "threads" N "metricsPort" P).
-The addresses are host:port inside the cluster; $(VAR) in args expands them.
-*/}}
-{{- define "instructrl.commonEnv" -}}
-{{- $ctx := .ctx }}
-{{- $grpc := int $ctx.Values.ports.grpc }}
-- name: INSTRUCTRL_CONFIG
-  value: /etc/instructrl/config.yaml
-- name: POD_NAME
-  valueFrom:
-    fieldRef:
-      fieldPath: metadata.name
-- name: POD_NAMESPACE
-  valueFrom:
-    fieldRef:
-      fieldPath: metadata.namespace
-- name: POD_IP
-  valueFrom:
-    fieldRef:
-      fieldPath: status.podIP
-- name: OMP_NUM_THREADS
-  value: {{ .threads | quote }}
-- name: INSTRUCTRL_METRICS_PORT
-  value: {{ .metricsPort | quote }}
-- name: INSTRUCTRL_GRPC_PORT
-  value: {{ $grpc | quote }}
-- name: INSTRUCTRL_RUN_ID
-  value: {{ $ctx.Values.buffer.runId | quote }}
-- name: INSTRUCTRL_REWARD_ADDRESS
-  value: {{ printf "%s:%d" (include "instructrl.componentName" (dict "ctx" $ctx "component" "reward")) $grpc }}
-- name: INSTRUCTRL_REFERENCE_ADDRESS
-  value: {{ printf "%s:%d" (include "instructrl.componentName" (dict "ctx" $ctx "component" "reference")) $grpc }}
-- name: INSTRUCTRL_LEARNER_ADDRESS
-  value: {{ printf "%s:%d" (include "instructrl.componentName" (dict "ctx" $ctx "component" "learner")) $grpc }}
-{{- if $ctx.Values.tls.enabled }}
-- name: INSTRUCTRL_TLS_DIR
-  value: /etc/instructrl/tls
-- name: INSTRUCTRL_MTLS
-  value: {{ $ctx.Values.tls.mtls | quote }}
-- name: INSTRUCTRL_TLS_SERVER_NAME
-  value: {{ $ctx.Values.tls.serverName | quote }}
-{{- end }}
-{{- if $ctx.Values.auth.token.enabled }}
-- name: INSTRUCTRL_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "instructrl.tokenSecretName" $ctx }}
-      key: {{ include "instructrl.tokenSecretKey" $ctx }}
-{{- end }}
-{{- end }}
-
-{{/* Redis access: the URL, and for the bundled Redis the password (read by the buffer client). */}}
-{{- define "instructrl.redisEnv" -}}
-- name: INSTRUCTRL_REDIS_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "instructrl.redisSecretName" . }}
-      key: {{ include "instructrl.redisSecretKey" . }}
-{{- if eq .Values.redis.mode "bundled" }}
-- name: INSTRUCTRL_REDIS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "instructrl.redisSecretName" . }}
-      key: password
-{{- end }}
-{{- end }}
-
-{{/* torch.distributed interface pinning (learner and rollout). */}}
-{{- define "instructrl.distEnv" -}}
-{{- with .Values.networkInterface }}
-- name: GLOO_SOCKET_IFNAME
-  value: {{ . }}
-- name: NCCL_SOCKET_IFNAME
-  value: {{ . }}
-{{- end }}
-{{- end }}
+{{/* The pod template of the four instructrl roles (environment and hooks: _env.tpl). */}}
 
 {{/*
 `key=value` overrides for the settings the chart owns in a role's config: server.* (every
-role's ServerConfig), device/torch_threads (reward, reference), engine.tensor_parallel_size
-(rollout), sync.master_port, deepspeed.torch_threads, checkpoint.dir (learner); then the
-role's configOverrides. Call with (dict "ctx" $ "role" "reward").
+role's ServerConfig), device/torch_threads (reward, reference), replica_id and
+engine.tensor_parallel_size (rollout), sync.master_port, deepspeed.torch_threads,
+checkpoint.dir, register_allow, on_finish=idle (learner); then the role's configOverrides. Call with (dict "ctx" $ "role" "reward").
 */}}
 {{- define "instructrl.serverOverrides" -}}
 {{- $ctx := .ctx }}
@@ -101,17 +23,29 @@ role's configOverrides. Call with (dict "ctx" $ "role" "reward").
 - device={{ ternary "cuda" "cpu" (gt (int $v.gpus) 0) }}
 - torch_threads={{ $v.ompNumThreads }}
 {{- end }}
-{{- if and (eq .role "rollout") (gt (int $v.gpus) 0) }}
+{{- if eq .role "rollout" }}
+{{- /* The replica's name in the learner's membership, metrics and status: one per pod. */}}
+- replica_id=$(POD_NAME)
+{{- if gt (int $v.gpus) 0 }}
 - engine.tensor_parallel_size={{ $v.gpus }}
+{{- end }}
 {{- end }}
 {{- if eq .role "learner" }}
 - sync.master_port={{ $ctx.Values.ports.weightSync }}
 - deepspeed.torch_threads={{ $v.ompNumThreads }}
 - checkpoint.dir={{ $v.checkpoints.mountPath }}
+- {{ printf "register_allow=%s" (toJson $v.registerAllow) | quote }}
+{{- /* A finished learner stays up, reporting finished: a pod restart must not train again. */}}
+- on_finish=idle
 {{- end }}
 {{- range $v.configOverrides }}
 - {{ . }}
 {{- end }}
+{{- end }}
+
+{{/* HOME in the images (deploy/docker/Dockerfile.*); the `home` emptyDir is mounted there. */}}
+{{- define "instructrl.homeDir" -}}
+/home/instructrl
 {{- end }}
 
 {{/* Volume mounts of an instructrl container. Call with (dict "ctx" $ "file" "reward.yaml"). */}}
@@ -122,12 +56,14 @@ role's configOverrides. Call with (dict "ctx" $ "role" "reward").
   readOnly: true
 - name: tmp
   mountPath: /tmp
+- name: home
+  mountPath: {{ include "instructrl.homeDir" . }}
 {{- if .ctx.Values.tls.enabled }}
 - name: tls
   mountPath: /etc/instructrl/tls
   readOnly: true
 {{- end }}
-{{- if .ctx.Values.models.existingClaim }}
+{{- if include "instructrl.modelsVolume" .ctx }}
 - name: models
   mountPath: {{ .ctx.Values.models.mountPath }}
   readOnly: true
@@ -140,21 +76,25 @@ pods, the rollout worker.
 Call with (dict "ctx" $ "role" "rollout" "env" (list ...) "ports" (list ...)
                 "volumes" (list ...) "volumeMounts" (list ...) "grpcProbes" true).
 `env`, `ports`, `volumes` and `volumeMounts` are additions for the server container;
-`grpcProbes` false leaves out the startup, liveness and readiness probes.
+`grpcProbes` false leaves out the startup, liveness and readiness probes; `scrapeAnnotations`
+false leaves out the prometheus.io/* pod annotations (a multi-rank learner: only rank 0 serves
+/metrics, and a StatefulSet's pods share one template).
 */}}
 {{- define "instructrl.podTemplate" -}}
 {{- $ctx := .ctx }}
 {{- $v := index $ctx.Values .role }}
+{{- $gpus := int (ternary $v.gpusPerPod $v.gpus (eq .role "learner")) }}
 {{- $resources := deepCopy (default dict $v.resources) }}
-{{- if gt (int $v.gpus) 0 }}
+{{- if gt $gpus 0 }}
 {{- $limits := deepCopy (default dict (get $resources "limits")) }}
-{{- $_ := set $limits "nvidia.com/gpu" (int $v.gpus) }}
+{{- $_ := set $limits "nvidia.com/gpu" $gpus }}
 {{- $_ := set $resources "limits" $limits }}
 {{- end }}
-{{- $image := include "instructrl.image" (dict "ctx" $ctx "gpus" $v.gpus) }}
+{{- $image := include "instructrl.image" (dict "ctx" $ctx "gpus" $gpus) }}
 {{- $probePort := include "instructrl.probePort" $ctx }}
 {{- $worker := and (eq .role "rollout") $v.worker.enabled }}
 {{- $probes := ternary true .grpcProbes (not (hasKey . "grpcProbes")) }}
+{{- $scrape := and $ctx.Values.metrics.podAnnotations (ternary true .scrapeAnnotations (not (hasKey . "scrapeAnnotations"))) }}
 metadata:
   labels:
     {{- include "instructrl.labels" (dict "ctx" $ctx "component" .role) | nindent 4 }}
@@ -163,7 +103,7 @@ metadata:
     {{- end }}
   annotations:
     checksum/config: {{ include (print $ctx.Template.BasePath "/configmap.yaml") $ctx | sha256sum }}
-    {{- if $ctx.Values.metrics.podAnnotations }}
+    {{- if $scrape }}
     prometheus.io/scrape: "true"
     prometheus.io/port: {{ $ctx.Values.ports.metrics | quote }}
     prometheus.io/path: /metrics
@@ -181,6 +121,15 @@ spec:
   securityContext:
     {{- toYaml $ctx.Values.podSecurityContext | nindent 4 }}
   terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  {{- with $v.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  {{- with $v.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $v.schedulerName }}
+  schedulerName: {{ . }}
+  {{- end }}
   {{- with $v.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -192,6 +141,16 @@ spec:
   {{- with $v.affinity }}
   affinity:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- $fetch := include "instructrl.fetchModelsContainer" (dict "ctx" $ctx "role" .role "image" $image) }}
+  {{- if or $fetch $v.extraInitContainers }}
+  initContainers:
+    {{- with $fetch }}
+    {{- . | nindent 4 }}
+    {{- end }}
+    {{- with $v.extraInitContainers }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- end }}
   containers:
     - name: {{ .role }}
@@ -219,19 +178,30 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       env:
-        {{- include "instructrl.commonEnv" (dict "ctx" $ctx "threads" $v.ompNumThreads "metricsPort" $ctx.Values.ports.metrics) | trim | nindent 8 }}
+        {{- include "instructrl.commonEnv" (dict "ctx" $ctx "threads" $v.ompNumThreads "metricsPort" $ctx.Values.ports.metrics "gpus" $gpus) | trim | nindent 8 }}
         {{- with .env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- with $v.extraEnvFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       {{- with $resources }}
       resources:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       securityContext:
         {{- toYaml $ctx.Values.securityContext | nindent 8 }}
+      {{- if $worker }}
+      lifecycle:
+        preStop:
+          exec:
+            command:
+              {{- include "instructrl.drainWorkerCommand" $ctx | nindent 14 }}
+      {{- end }}
       {{- if $probes }}
       # Native gRPC probes (grpc.health.v1). The kubelet speaks plaintext only, so with TLS
       # they use the plaintext health port (server.health_port).
@@ -263,6 +233,9 @@ spec:
         {{- with .volumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+        {{- with $v.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
     {{- if $worker }}
     {{- $w := $v.worker }}
     - name: worker
@@ -272,6 +245,11 @@ spec:
         - rollout-worker
         - --config
         - /etc/instructrl/config.yaml
+        # The consumer name in the prompt group and the id it registers with the learner:
+        # the pod's name, the same as its rollout server's replica_id.
+        - "replica_id=$(POD_NAME)"
+        # On SIGTERM it finishes its batches within this, inside the server's preStop wait.
+        - "drain_timeout_s={{ max 1 (sub (int $w.drainTimeoutSeconds) 5) }}"
         {{- range $w.configOverrides }}
         - {{ . | quote }}
         {{- end }}
@@ -280,7 +258,7 @@ spec:
           containerPort: {{ $ctx.Values.ports.workerMetrics }}
           protocol: TCP
       env:
-        {{- include "instructrl.commonEnv" (dict "ctx" $ctx "threads" $w.ompNumThreads "metricsPort" $ctx.Values.ports.workerMetrics) | trim | nindent 8 }}
+        {{- include "instructrl.commonEnv" (dict "ctx" $ctx "threads" $w.ompNumThreads "metricsPort" $ctx.Values.ports.workerMetrics "gpus" 0) | trim | nindent 8 }}
         # This pod's rollout service, over loopback.
         - name: INSTRUCTRL_ROLLOUT_ADDRESS
           value: {{ printf "127.0.0.1:%d" (int $ctx.Values.ports.grpc) }}
@@ -291,6 +269,10 @@ spec:
         {{- with $w.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- with $w.extraEnvFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       {{- with $w.resources }}
       resources:
         {{- toYaml . | nindent 8 }}
@@ -299,6 +281,9 @@ spec:
         {{- toYaml $ctx.Values.securityContext | nindent 8 }}
       volumeMounts:
         {{- include "instructrl.commonMounts" (dict "ctx" $ctx "file" "rollout-worker.yaml") | trim | nindent 8 }}
+        {{- with $w.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
     {{- end }}
   volumes:
     - name: config
@@ -310,19 +295,24 @@ spec:
         sizeLimit: {{ $ctx.Values.shmSize }}
     - name: tmp
       emptyDir: {}
+    # HOME: the caches (huggingface_hub, torch, Triton, vLLM, DeepSpeed JIT ops) on a
+    # read-only root filesystem.
+    - name: home
+      emptyDir: {}
     {{- if $ctx.Values.tls.enabled }}
     - name: tls
       secret:
         secretName: {{ include "instructrl.tlsSecretName" $ctx }}
         defaultMode: 0440
     {{- end }}
-    {{- if $ctx.Values.models.existingClaim }}
+    {{- with include "instructrl.modelsVolume" $ctx }}
     - name: models
-      persistentVolumeClaim:
-        claimName: {{ $ctx.Values.models.existingClaim }}
-        readOnly: true
+      {{- . | nindent 6 }}
     {{- end }}
     {{- with .volumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $v.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end }}
