@@ -15,6 +15,7 @@ run is audited (accounting.py): nothing trained twice, every record accounted fo
 """
 from __future__ import annotations
 
+import ast
 import json
 import time
 
@@ -37,9 +38,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 SYNC_TIMEOUT_S = 10  # sync.timeout_s: what a cut pod may cost one broadcast
 START_TIMEOUT_S = 360  # every pod ready (vLLM, 2 DeepSpeed ranks) on 2 loaded cores
 JOIN_TIMEOUT_S = 300  # two more rollout pods load vLLM, register, and get the weights
-EVICT_AFTER = 3  # sync.evict_after_failures (the default)
 STEP_TIMEOUT_S = 180  # the learner trains a few more iterations
 FEW_SECONDS = 5.0  # what a sync after the scale-down may take
+
+
+def last_rank(lead, pods: dict[str, str]) -> str:
+    """The pod holding the highest rank of the learner's current weight group (from its log)."""
+    lines = [ln for ln in (lead.dir / "learner.log").read_text().splitlines() if "world size" in ln]
+    first_rank = ast.literal_eval(lines[-1][lines[-1].index("{"):])  # {"ip:port": first rank}
+    ip = max(first_rank, key=first_rank.get).split(":")[0]
+    return next(name for name, pod_ip in pods.items() if pod_ip == ip)
 
 
 def values() -> dict:
@@ -99,9 +107,11 @@ def test_scale_out_cut_heal_scale_in_with_a_two_rank_learner(make_cluster, model
         phases["join"] = time.monotonic() - t
         print(f"joined at v{joined.learner_version}: {joined}")
 
-        # 3. cut a new pod's link as the learner enters a broadcast (it publishes the version to
-        # the workers' admission in Redis just before it syncs; GetStatus only after)
-        victim = cluster.pods_of("rollout")[-1].name
+        # 3. cut a pod's link as the learner enters a broadcast (it publishes the version to
+        # the workers' admission in Redis just before it syncs; GetStatus only after). The pod cut is
+        # the group's last rank: a leaf of gloo's broadcast tree whose relay is a healthy replica, the
+        # case where that relay's own receive stalls too (the cut relay is covered by test_coordinator)
+        victim = last_rank(lead, rollouts())
         others = [n for n in rollouts() if n != victim]
         v = buffer.pacing_version()
         cluster.wait_until(lambda: buffer.pacing_version() > v, STEP_TIMEOUT_S, "the next iteration", poll_s=0.02)
@@ -113,11 +123,10 @@ def test_scale_out_cut_heal_scale_in_with_a_two_rank_learner(make_cluster, model
         print(f"cut {victim} at v{v_cut}; the others report v{v_cut} {phases['others_synced_after_cut']:.1f}s later")
         # The learner finds the cut pod gone while it broadcasts (no GetStatus answer within a third
         # of timeout_s), abandons that broadcast and resends it to the others at once
-        # (weight_sync/coordinator.py): 0.1-10 s in 4 of 6 runs. Issue 13 asks for one sync.timeout_s;
-        # still open: when the cut pod was the gloo tree's child of a healthy replica, that replica
-        # joined the resend's group ~10 s late in 2 of 6 runs (23 s, 24 s), so this bound guards
-        # against a regression to the old behaviour (eviction after 3 failed syncs), not the goal.
-        assert phases["others_synced_after_cut"] <= EVICT_AFTER * SYNC_TIMEOUT_S + 10, (
+        # (weight_sync/coordinator.py), within one sync.timeout_s (issue 13): ~5 s. It took 16-22 s in half
+        # the runs while the relay, a pod scaled out seconds before, was compiling vLLM's logprob kernel
+        # on its first batch (now at start-up: vllm_engine._warm_up) and so missed the resend's group.
+        assert phases["others_synced_after_cut"] <= SYNC_TIMEOUT_S, (
             f"{others} got v{v_cut} {phases['others_synced_after_cut']:.0f}s after the cut (sync.timeout_s "
             f"{SYNC_TIMEOUT_S}): {got}")
         cluster.wait_until(lambda: at_version(v_cut + 2, others), STEP_TIMEOUT_S, "training to go on during the cut")

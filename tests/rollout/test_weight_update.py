@@ -21,6 +21,7 @@ from instructrl.serving.client import ClientConfig, sync_channel
 from instructrl.v1 import rollout_pb2, rollout_pb2_grpc
 from instructrl.weight_sync import WeightSyncCoordinator
 from instructrl.weight_sync import group as wg
+from instructrl.weight_sync.transport import WeightSender
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +135,30 @@ def test_stalled_broadcast_times_out_keeps_old_weights_then_rejoins(server, tiny
         f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
     assert f'instructrl_rollout_policy_version{{replica="test-replica"}} {v0 + 1}.0' in text
     assert 'instructrl_rollout_weight_update_failures_total{replica="test-replica"} 1.0' in text
+
+
+def test_a_newer_join_supersedes_one_still_waiting_for_its_peers(server):
+    # The learner rebuilds its group without a peer that went away while this replica was still
+    # waiting for that peer in the old group's rendezvous: the new group must form now, not after
+    # the old join's timeout (issue 13, scenario 3: a cut link cost the healthy replicas 20 s).
+    store = wg.host_store("127.0.0.1", 0, 30)
+    init = f"tcp://127.0.0.1:{store.port}"
+    with sync_channel(ClientConfig(address=server.address)) as ch:
+        stub = rollout_pb2_grpc.RolloutServiceStub(ch)
+        old = stub.JoinWeightGroup.future(rollout_pb2.JoinWeightGroupRequest(
+            init_method=init, rank=1, world_size=3, backend="gloo", timeout_s=12, group_id="old"), timeout=30)
+        time.sleep(1.0)  # its rendezvous waits for ranks 0 and 2, which never come
+        t0 = time.monotonic()
+        new = stub.JoinWeightGroup.future(rollout_pb2.JoinWeightGroupRequest(
+            init_method=init, rank=1, world_size=2, backend="gloo", timeout_s=20, group_id="new"), timeout=30)
+        sender = WeightSender(init, 2, "gloo", 30, group_id="new", store=store)
+        new.result()
+        joined_s = time.monotonic() - t0
+        with pytest.raises(grpc.RpcError) as e:
+            old.result()
+    try:
+        assert joined_s < 5, f"the new group formed {joined_s:.1f}s later: it waited for the old join"
+        assert e.value.code() == grpc.StatusCode.ABORTED, e.value.details()
+        assert _status(server.address).group_id == "new"
+    finally:
+        sender.close()

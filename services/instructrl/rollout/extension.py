@@ -60,6 +60,7 @@ class WeightSyncExtension:
 
         from instructrl.weight_sync.transport import WeightReceiver
 
+        t0 = time.monotonic()
         self.leave_weight_group()
         rank = first_rank + get_tensor_model_parallel_rank()
         state = {"group_id": group_id, "rank": rank, "state": "joining", "error": ""}
@@ -78,7 +79,8 @@ class WeightSyncExtension:
                 return
             self._irl_receiver = receiver
             state["state"] = "joined"
-            log.info("joined weight group %s as rank %d/%d (%s)", group_id, rank, world_size, backend)
+            log.info("joined weight group %s as rank %d/%d (%s) in %.2fs", group_id, rank, world_size, backend,
+                     time.monotonic() - t0)
 
         threading.Thread(target=run, name=f"weight-group-{group_id}", daemon=True).start()
 

@@ -46,6 +46,7 @@ from instructrl.rollout.domain import (
     resolve_sampling,
 )
 from instructrl.serving.errors import (
+    Aborted,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -78,6 +79,7 @@ class RolloutEngine:
         self._idle.set()
         self._seqs = 0                   # sequences admitted (prompts x n)
         self._update_lock = asyncio.Lock()
+        self._joins = 0                  # JoinWeightGroup calls so far: a newer one supersedes a pending one
         self._broken: str | None = None  # set when a streamed update failed half-way
         self.aborted_total = 0           # samples that ended with finish_reason "abort"
 
@@ -97,10 +99,30 @@ class RolloutEngine:
         self.tokenizer = self.llm.tokenizer
         self.prompt_format = resolve_prompt_format(e.prompt_format, e.model, "engine.prompt_format")
         self.vocab_size = self.llm.model_config.get_vocab_size()
+        await self._warm_up()
         m.POLICY_VERSION.labels(self.replica).set(self.policy_version)
         m.REQUESTS_IN_FLIGHT.labels(self.replica).set_function(self.vllm_unfinished)
         log.info("rollout engine %s ready: %s (policy_version %d)", self.replica, e.model, self.policy_version)
         return self
+
+    async def _warm_up(self) -> None:
+        """Two short requests with sampled-token logprobs, as every rollout asks for, before the
+        replica reports ready. vLLM compiles its logprob kernel (torch.compile, inductor) on first
+        use: on 2 CPU cores that held a freshly scaled-out replica's engine core for ~16 s in its
+        first batch, when it missed the join of a weight group (cluster bed, issue 13)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        t0 = time.monotonic()
+        params = SamplingParams(n=1, temperature=1.0, max_tokens=2, logprobs=0, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+
+        async def one(i: int) -> None:
+            async for _ in self.llm.generate({"prompt_token_ids": [0, 1]}, params, f"warm-up-{uuid.uuid4().hex}-{i}"):
+                pass
+
+        await asyncio.gather(one(0), one(1))
+        log.info("rollout engine %s warmed up in %.1fs", self.replica, time.monotonic() - t0)
 
     def shutdown(self) -> None:
         if self.llm is not None:
@@ -249,23 +271,36 @@ class RolloutEngine:
                                   f"lie in 1..world_size-1 (world_size {world_size})")
         if not group_id or timeout_s <= 0:
             raise InvalidArgument("group_id and a positive timeout_s are required")
-        async with self._update_lock:
+        self._joins += 1
+        mine = self._joins
+        async with self._update_lock:  # an update in flight ends (within its own timeout) before the group changes
+            if mine != self._joins:
+                raise Aborted(f"joining weight group {group_id}: superseded by a newer JoinWeightGroup")
             self.group_id = ""
             await self.llm.collective_rpc("join_weight_group",
                                           args=(init_method, rank, world_size, backend, timeout_s, group_id))
-            deadline = time.monotonic() + timeout_s + 1.0
-            while True:  # the rendezvous runs on worker threads so generation goes on meanwhile
-                infos = await self.llm.collective_rpc("weight_group_info")
-                if all(i["state"] == "joined" for i in infos):
-                    break
-                failed = [i["error"] for i in infos if i["state"] == "failed"]
-                if failed or time.monotonic() > deadline:
-                    why = failed[0] if failed else "timeout"
-                    raise DeadlineExceeded(f"joining weight group {group_id} failed: {why}")
-                await asyncio.sleep(0.02)
-            self.group_id = group_id
-            log.info("%s joined weight group %s as rank(s) %d..%d of %d", self.replica, group_id, rank,
-                     rank + self.ranks - 1, world_size)
+        await self._await_join(group_id, mine, time.monotonic() + timeout_s + 1.0)
+        if mine != self._joins:
+            raise Aborted(f"joining weight group {group_id}: superseded by a newer JoinWeightGroup")
+        self.group_id = group_id
+        log.info("%s joined weight group %s as rank(s) %d..%d of %d", self.replica, group_id, rank,
+                 rank + self.ranks - 1, world_size)
+
+    async def _await_join(self, group_id: str, mine: int, deadline: float) -> None:
+        """Until every worker has joined `group_id`. The rendezvous runs on worker threads, so generation
+        goes on meanwhile, and a newer join (the learner rebuilt the group without a peer that is gone)
+        takes over at once instead of waiting out this one's timeout."""
+        while True:
+            if mine != self._joins:
+                raise Aborted(f"joining weight group {group_id}: superseded by a newer JoinWeightGroup")
+            infos = await self.llm.collective_rpc("weight_group_info")
+            if all(i["state"] == "joined" and i["group_id"] == group_id for i in infos):
+                return
+            failed = [i["error"] for i in infos if i["state"] == "failed" and i["group_id"] == group_id]
+            if failed or time.monotonic() > deadline:
+                why = failed[0] if failed else "timeout"
+                raise DeadlineExceeded(f"joining weight group {group_id} failed: {why}")
+            await asyncio.sleep(0.02)
 
     async def _drain(self, deadline: float) -> None:
         if self._active:

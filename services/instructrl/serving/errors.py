@@ -28,6 +28,12 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(ServiceError):
+    """Given up for a newer request of the same kind (e.g. a join superseded by a later JoinWeightGroup)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class PermissionDenied(ServiceError):
     """The caller may not ask for this (e.g. an address outside the learner's register_allow)."""
 

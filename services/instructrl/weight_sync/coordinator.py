@@ -301,7 +301,11 @@ class WeightSyncCoordinator:
             t0 = time.monotonic()
             manifest = self._plan(named_tensors)
             failed = self._maybe_rebuild(t0 + self.timeout_s)
+            t_group = time.monotonic()
             push = self._push(named_tensors, policy_version, manifest, t0 + self.timeout_s)
+            if time.monotonic() - t0 > 1.0:  # where a slow sync spent its time
+                log.info("weight sync v%d: group %.2fs, broadcast %.2fs", policy_version, t_group - t0,
+                         time.monotonic() - t_group)
             if push.gone:
                 survivors = [a for a in push.members if a not in push.gone]
                 log.warning("replica(s) %s gone during weight broadcast v%d; resending to %s", push.gone,
