@@ -53,6 +53,10 @@ class FakeReplica(rollout_pb2_grpc.RolloutServiceServicer):
 
     def UpdateWeights(self, req, context):
         self._freeze()
+        if not context.is_active():  # held past its deadline while frozen: the learner has moved on
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the caller gave up")
+        if any(r.group_id != req.group_id for r in self.receivers):  # as the rollout engine checks
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"not in weight group {req.group_id}")
         if self.stall:
             time.sleep(req.timeout_s)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stalled")

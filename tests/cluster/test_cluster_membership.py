@@ -36,16 +36,21 @@ def test_two_rollout_replicas_register_sync_and_produce(make_cluster, models_cla
     started = time.monotonic() - t0
     expected = sorted(f"{ip}:50051" for ip in rollouts.values())
 
-    # watch the run until ITERATIONS iterations with both replicas in sync, or RUN_TIMEOUT_S
+    # watch the run until ITERATIONS iterations after the learner lists both replicas, with both in
+    # sync, or RUN_TIMEOUT_S (the first replica ready may feed the learner alone for a while)
     polls = []
+    v_listed: int | None = None  # the learner's version when it first listed both
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
         while time.monotonic() < deadline:
             p = poll(learner.ip, rollouts)
             if p is not None:
                 polls.append(p)
+                if v_listed is None and sorted(p.registered) == expected:
+                    v_listed = p.learner_version
                 in_sync = all((v or 0) >= p.learner_version for v in p.rollout_versions.values())
-                if p.learner_version >= ITERATIONS and in_sync or p.learner_version >= 4 * ITERATIONS:
+                done = v_listed is not None and p.learner_version >= max(v_listed + ITERATIONS, ITERATIONS) and in_sync
+                if done or p.learner_version >= (v_listed or 0) + 4 * ITERATIONS:
                     break  # done, or far enough to tell that a replica is left behind
             time.sleep(0.5)
         records = buffer.experience()

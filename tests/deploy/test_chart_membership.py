@@ -102,19 +102,17 @@ def test_scale_down_drain_hook_and_grace_period():
             chart.render({"rollout": {"terminationGracePeriodSeconds": 95}}, name="rl", namespace="ml")
 
 
-def test_drain_hook_waits_for_the_real_worker_to_drain(tmp_path):
+def test_drain_hook_waits_for_the_real_worker_to_drain(tmp_path, redis_url, run_id):
     """The pod's scale-down, with the real processes: the rollout worker from its rendered
-    command line (idle, on the shared Redis), the server container's preStop hook as rendered.
+    command line (idle, on the test Redis), the server container's preStop hook as rendered.
     The hook holds the server up while the worker runs, the kubelet's SIGTERM makes the worker
     drain and exit cleanly, and the hook then returns at once."""
-    import redis
-
-    metrics, run_id = free_port(), f"chart-drain-{os.getpid()}-{int(time.time())}"
+    metrics = free_port()
     r = ds.render({"ports": {"workerMetrics": metrics}, "rollout": {"worker": {"drainTimeoutSeconds": 60}}})
     worker = ds.containers(r.get("Deployment", "-rollout"))["worker"]
     env = {**RUNTIME_ENV, "POD_NAME": "rl-instructrl-rollout-abc-12345",
            **{e["name"]: e["value"] for e in worker["env"] if "value" in e},
-           "INSTRUCTRL_REDIS_URL": "redis://127.0.0.1:6379/0", "INSTRUCTRL_RUN_ID": run_id,
+           "INSTRUCTRL_REDIS_URL": redis_url, "INSTRUCTRL_RUN_ID": run_id,
            "INSTRUCTRL_LEARNER_ADDRESS": ""}  # no learner here: the worker registers nowhere
     env = {k: _expand(v, env) for k, v in env.items()}
     args = [_expand(a, env) for a in worker["args"]]
@@ -140,11 +138,7 @@ def test_drain_hook_waits_for_the_real_worker_to_drain(tmp_path):
         _stop(proc)
         if hook is not None:
             _stop(hook)
-        log.close()
-        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        keys = list(client.scan_iter(match=f"instructrl:{{{run_id}}}:*"))
-        if keys:
-            client.delete(*keys)
+        log.close()  # run_id's keys go with the fixture
 
 
 def test_drain_hook_gives_up_at_its_timeout():
