@@ -23,6 +23,15 @@ START_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 240
 
 
+def all_produced(rollouts: dict[str, str]) -> bool:
+    """Whether every rollout pod's worker has acked a prompt under its own id (its metrics)."""
+    try:
+        return all(replica_labels(scrape(ip, 9091), "instructrl_rollout_prompts_acked_total").get(name, 0) > 0
+                   for name, ip in rollouts.items())
+    except OSError:  # a worker's metrics not answering this time
+        return False
+
+
 def test_two_rollout_replicas_register_sync_and_produce(make_cluster, models_claim, prebuilt_ops):
     t0 = time.monotonic()
     cluster = make_cluster(yaml.safe_load(CLUSTER_VALUES.read_text()), claims={"instructrl-models": models_claim})
@@ -50,8 +59,9 @@ def test_two_rollout_replicas_register_sync_and_produce(make_cluster, models_cla
                     v_listed = p.learner_version
                 in_sync = all((v or 0) >= p.learner_version for v in p.rollout_versions.values())
                 done = v_listed is not None and p.learner_version >= max(v_listed + ITERATIONS, ITERATIONS) and in_sync
-                if done or p.learner_version >= (v_listed or 0) + 4 * ITERATIONS:
-                    break  # done, or far enough to tell that a replica is left behind
+                far = p.learner_version >= (v_listed or 0) + 4 * ITERATIONS  # enough to tell a replica is left behind
+                if (done or far) and all_produced(rollouts):
+                    break  # the learner trains ~2 iterations a second: a worker's first batch may take longer
             time.sleep(0.5)
         records = buffer.experience()
     finally:
