@@ -274,25 +274,26 @@ class RolloutEngine:
         self._joins += 1
         mine = self._joins
         async with self._update_lock:  # an update in flight ends (within its own timeout) before the group changes
-            if mine != self._joins:
-                raise Aborted(f"joining weight group {group_id}: superseded by a newer JoinWeightGroup")
+            self._check_current_join(group_id, mine)
             self.group_id = ""
             await self.llm.collective_rpc("join_weight_group",
                                           args=(init_method, rank, world_size, backend, timeout_s, group_id))
         await self._await_join(group_id, mine, time.monotonic() + timeout_s + 1.0)
-        if mine != self._joins:
-            raise Aborted(f"joining weight group {group_id}: superseded by a newer JoinWeightGroup")
+        self._check_current_join(group_id, mine)
         self.group_id = group_id
         log.info("%s joined weight group %s as rank(s) %d..%d of %d", self.replica, group_id, rank,
                  rank + self.ranks - 1, world_size)
+
+    def _check_current_join(self, group_id: str, mine: int) -> None:
+        if mine != self._joins:
+            raise Aborted(f"joining weight group {group_id}: superseded by a newer JoinWeightGroup")
 
     async def _await_join(self, group_id: str, mine: int, deadline: float) -> None:
         """Until every worker has joined `group_id`. The rendezvous runs on worker threads, so generation
         goes on meanwhile, and a newer join (the learner rebuilt the group without a peer that is gone)
         takes over at once instead of waiting out this one's timeout."""
         while True:
-            if mine != self._joins:
-                raise Aborted(f"joining weight group {group_id}: superseded by a newer JoinWeightGroup")
+            self._check_current_join(group_id, mine)
             infos = await self.llm.collective_rpc("weight_group_info")
             if all(i["state"] == "joined" and i["group_id"] == group_id for i in infos):
                 return
